@@ -1,0 +1,198 @@
+import io
+import json
+import logging
+import os
+import pickle
+import tarfile
+
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from gritvlp.data import shards as shards_mod
+from gritvlp.data.collate import Collator
+from gritvlp.data.demo import make_demo_shards
+from gritvlp.data.shards import ShardDataset, expand_shards
+from gritvlp.data.text import clean_caption, load_tokenizer
+from gritvlp.data.transforms import eval_transform, train_transform
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """24 training samples in 3 shards of 32 px images; returns the brace pattern."""
+    root = tmp_path_factory.mktemp("demo")
+    train, _ = make_demo_shards(str(root), num_train=24, num_test=4, image_size=32, samples_per_shard=8, progress=False)
+    return train
+
+
+def _jpg(colour, size=16):
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _write_tar(path, samples):
+    """samples: (key, {ext: bytes}) in img2dataset layout."""
+    with wds.TarWriter(str(path), encoder=False, mtime=0) as sink:
+        for key, members in samples:
+            sink.write({"__key__": key, **members})
+    return str(path)
+
+
+def test_expand_shards(demo, tmp_path):
+    folder = os.path.dirname(demo)
+    names = [os.path.join(folder, f"train-00000{i}.tar") for i in range(3)]
+    assert expand_shards(demo) == names
+    for sidecar in ("train-000000.parquet", "train-000000_stats.json"):
+        open(os.path.join(folder, sidecar), "w").close()
+    assert expand_shards(os.path.join(folder, "train-*")) == names  # img2dataset sidecars are ignored
+    test = os.path.join(folder, "test-000000.tar")
+    assert expand_shards(f"{names[2]}::{demo}::{folder}/test-*.tar") == [test, *names]  # sorted, de-duplicated
+    assert expand_shards([names[0], names[0]]) == names[:1]
+    with pytest.raises(FileNotFoundError, match="nothing-"):
+        expand_shards(f"{demo}::{tmp_path}/nothing-*.tar")
+    with pytest.raises(FileNotFoundError, match=r"train-000003.*\{000000\.\.000009\}"):  # missing shard and pattern
+        expand_shards(os.path.join(folder, "train-{000000..000009}.tar"))
+
+
+def test_captions_and_group_ids(demo):
+    ds = ShardDataset(demo, eval_transform(32))
+    assert len(ds) == 24 and ds.num_truncated == 0 and ds.keys[10] == "000000010"
+    shard = expand_shards(demo)[1]  # index 10 is the third sample of the second shard
+    with tarfile.open(shard) as tar:
+        raw = tar.extractfile("000000010.txt").read().decode()
+        meta = json.loads(tar.extractfile("000000010.json").read())
+    sample = ds[10]
+    assert sample["caption"] == clean_caption(raw, 30) and sample["index"] == 10
+    assert sample["image"].shape == (3, 32, 32) and sample["image"].dtype == torch.float32
+    metas = []
+    for s in expand_shards(demo):
+        with tarfile.open(s) as tar:
+            metas += [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]
+    image_ids = [m["image_id"] for m in metas]
+    assert len(set(image_ids)) < len(image_ids), "the demo set should hold an image with two captions"
+    for i in range(len(ds)):
+        for j in range(len(ds)):
+            assert (image_ids[i] == image_ids[j]) == (ds.group_ids[i] == ds.group_ids[j]).item()
+    assert ds.group_ids.dtype == torch.long and ds.group_ids.max().item() == len(set(image_ids)) - 1
+    assert sample["group_id"] == ds.group_ids[10].item() and meta["key"] == "000000010"
+
+
+def test_content_hash_groups_without_image_id(tmp_path):
+    red, blue = _jpg("red"), _jpg("blue")
+    path = _write_tar(
+        tmp_path / "s.tar",
+        [
+            ("a", {"jpg": red, "txt": b"one", "json": b"{}"}),
+            ("b", {"jpg": blue, "txt": b"two", "json": json.dumps({"image_id": None}).encode()}),
+            ("c", {"jpg": red, "txt": b"three"}),
+        ],
+    )
+    ds = ShardDataset(path, eval_transform(16))
+    assert ds.group_ids.tolist() == [0, 1, 0]
+
+
+def test_augmentation_is_a_function_of_seed_epoch_index(demo):
+    ds = ShardDataset(demo, train_transform(32), seed=3)
+    first = ds[5]["image"]
+    assert torch.equal(first, ds[5]["image"])
+    assert torch.equal(first, ShardDataset(demo, train_transform(32), seed=3)[5]["image"])
+    torch.manual_seed(123)  # global RNG state must not matter, nor be disturbed
+    state = torch.get_rng_state()
+    assert torch.equal(first, ds[5]["image"])
+    assert torch.equal(state, torch.get_rng_state())
+    ds.set_epoch(1)
+    assert not torch.equal(first, ds[5]["image"])
+    ds.set_epoch(0)
+    assert torch.equal(first, ds[5]["image"])
+    assert not torch.equal(first, ShardDataset(demo, train_transform(32), seed=4)[5]["image"])
+
+
+def test_bad_samples_return_none_and_are_counted(tmp_path, caplog):
+    path = _write_tar(
+        tmp_path / "bad.tar",
+        [
+            ("good", {"jpg": _jpg("red"), "txt": b"A red square."}),
+            ("corrupt", {"jpg": b"\xff\xd8 not really a jpeg", "txt": b"broken"}),
+            ("nocaption", {"jpg": _jpg("blue"), "json": b"{}"}),
+            ("emptycaption", {"jpg": _jpg("blue"), "txt": b" ... "}),
+        ],
+    )
+    ds = ShardDataset(path, eval_transform(16))
+    with caplog.at_level(logging.WARNING, logger="gritvlp.data"):
+        samples = [ds[i] for i in range(len(ds))]
+    assert samples[0]["caption"] == "a red square" and samples[1:] == [None, None, None]
+    text = caplog.text
+    assert "corrupt" in text and "undecodable image" in text and "bad.tar" in text
+    assert "nocaption" in text and "no caption" in text and "empty caption" in text
+    batch = Collator(load_tokenizer())(samples[:2])
+    assert batch["num_skipped"] == 1 and batch["image"].shape[0] == 1
+
+
+def test_truncated_tar_keeps_earlier_samples(demo, tmp_path, caplog):
+    shard = expand_shards(demo)[0]
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(open(shard, "rb").read()[: os.path.getsize(shard) // 2])
+    with caplog.at_level(logging.WARNING, logger="gritvlp.data"):
+        ds = ShardDataset(str(cut), eval_transform(32))
+    assert 0 < len(ds) < 8 and ds.num_truncated > 0
+    assert "truncated" in caplog.text and "cut.tar" in caplog.text
+    full = ShardDataset(shard, eval_transform(32))
+    for i in range(len(ds)):
+        assert ds[i]["caption"] == full[i]["caption"] and torch.equal(ds[i]["image"], full[i]["image"])
+    garbage = tmp_path / "garbage.tar"
+    garbage.write_bytes(b"\x01" * 3000)
+    ds = ShardDataset(str(garbage), eval_transform(32))
+    assert len(ds) == 0 and ds.num_truncated == 1
+
+
+def test_index_cache_reused_and_rebuilt(tmp_path, monkeypatch):
+    path = _write_tar(tmp_path / "s.tar", [("a", {"jpg": _jpg("red"), "txt": b"one"})])
+    assert len(ShardDataset(path, eval_transform(16))) == 1
+    index_file = tmp_path / "s.tar.idx.json"
+    stamp = index_file.stat().st_mtime_ns
+    real_build = shards_mod.build_index
+
+    def no_rebuild(shard):
+        raise AssertionError("the cached index should have been used")
+
+    monkeypatch.setattr(shards_mod, "build_index", no_rebuild)
+    assert len(ShardDataset(path, eval_transform(16))) == 1
+    assert index_file.stat().st_mtime_ns == stamp
+    monkeypatch.setattr(shards_mod, "build_index", real_build)
+    _write_tar(path, [("a", {"jpg": _jpg("red"), "txt": b"one"}), ("b", {"jpg": _jpg("blue"), "txt": b"two"})])
+    ds = ShardDataset(path, eval_transform(16))
+    assert len(ds) == 2 and ds[1]["caption"] == "two"
+
+
+def test_index_falls_back_to_user_cache(tmp_path, monkeypatch):
+    path = _write_tar(tmp_path / "s.tar", [("a", {"jpg": _jpg("red"), "txt": b"one"})])
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    real_write = shards_mod._write_json
+
+    def read_only_beside(target, obj):
+        if target.parent == tmp_path:
+            raise PermissionError("read-only")
+        real_write(target, obj)
+
+    monkeypatch.setattr(shards_mod, "_write_json", read_only_beside)
+    assert len(ShardDataset(path, eval_transform(16))) == 1
+    assert not (tmp_path / "s.tar.idx.json").exists()
+    assert len(list((tmp_path / "cache" / "gritvlp" / "index").glob("*s.tar.idx.json"))) == 1
+    monkeypatch.setattr(shards_mod, "build_index", None)  # the cached copy is found again
+    assert len(ShardDataset(path, eval_transform(16))) == 1
+
+
+def test_dataloader_workers_and_pickle(demo):
+    ds = ShardDataset(demo, train_transform(32, hflip=False))
+    expected = [ds[i]["image"] for i in range(len(ds))]  # opens handles in this process before the fork
+    loader = torch.utils.data.DataLoader(ds, batch_size=5, num_workers=2, collate_fn=Collator(load_tokenizer()))
+    seen = {}
+    for batch in loader:
+        assert batch["num_skipped"] == 0
+        seen.update({int(i): img for i, img in zip(batch["index"], batch["image"])})
+    assert sorted(seen) == list(range(len(ds)))
+    assert all(torch.equal(seen[i], expected[i]) for i in seen)  # same pixels in workers as in the main process
+    clone = pickle.loads(pickle.dumps(ds))
+    assert torch.equal(clone[3]["image"], expected[3])
