@@ -1,0 +1,72 @@
+"""Checkpoints: DeepSpeed's own format (zero_to_fp32 compatible) plus gritvlp's client state.
+
+DeepSpeed writes a tag folder and only then points 'latest' at it, so an interrupted save leaves the
+previous checkpoint in place; old tags are pruned only after a save completed on every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+
+log = logging.getLogger("gritvlp.train")
+
+TAG_PREFIX = "global_step"
+
+
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def save(engine, output_dir: str | Path, step: int, client_state: dict, keep: int) -> Path:
+    """Saves on every rank (ZeRO shards live on each), then prunes older tags on rank 0."""
+    folder = checkpoint_dir(output_dir)
+    tag = f"{TAG_PREFIX}{step}"
+    engine.save_checkpoint(str(folder), tag=tag, client_state=client_state)
+    if dist.is_initialized():
+        dist.barrier()
+    if keep > 0 and (not dist.is_initialized() or dist.get_rank() == 0):
+        tags = sorted((p for p in folder.glob(f"{TAG_PREFIX}*") if p.is_dir()), key=_step_of)
+        for old in tags[:-keep]:
+            if old.name != tag:
+                shutil.rmtree(old, ignore_errors=True)
+    return folder / tag
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name[len(TAG_PREFIX) :])
+    except ValueError:
+        return -1
+
+
+def resolve_resume(resume: str | None, output_dir: str | Path) -> tuple[Path, str | None] | None:
+    """'latest' -> the run's checkpoints folder (None if it has none yet); a path -> (folder, tag).
+
+    A path may be a checkpoints folder holding a 'latest' file, or one tag folder inside it.
+    """
+    if not resume:
+        return None
+    if resume == "latest":
+        folder = checkpoint_dir(output_dir)
+        if not (folder / "latest").is_file():
+            log.warning("--resume latest: no checkpoint in %s yet, starting from scratch", folder)
+            return None
+        return folder, None
+    path = Path(resume)
+    if (path / "latest").is_file():
+        return path, None
+    if path.is_dir() and any(path.glob("*model_states.pt")):
+        return path.parent, path.name
+    raise FileNotFoundError(f"--resume {resume}: neither a checkpoints folder with 'latest' nor a checkpoint tag folder")
+
+
+def load(engine, folder: Path, tag: str | None) -> dict:
+    path, client_state = engine.load_checkpoint(str(folder), tag=tag)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load a checkpoint from {folder} (tag {tag or 'latest'})")
+    log.info("resumed from %s", path)
+    return client_state or {}

@@ -1,0 +1,275 @@
+"""The pre-training loop: data, model, DeepSpeed engine, logging, checkpoints. One readable file."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from gritvlp.config import Config, save_config
+from gritvlp.data.collate import Collator
+from gritvlp.data.demo import ensure_demo_shards
+from gritvlp.data.shards import ShardDataset
+from gritvlp.data.text import load_tokenizer
+from gritvlp.data.transforms import train_transform
+from gritvlp.model.gritvlp import GritVLP
+from gritvlp.sampling.order import EpochBatchSampler
+from gritvlp.train import checkpoint
+from gritvlp.train.engine import build_engine, load_ds_config, precision_dtype
+from gritvlp.train.monitor import Monitor
+
+log = logging.getLogger("gritvlp.train")
+
+LOGGED_TERMS = ("loss", "itc", "consistency", "itm", "mlm", "itm_acc", "temp", "sim_pos", "sim_neg", "sim_itm_neg")
+MAX_CONSECUTIVE_BAD_STEPS = 20
+
+
+@dataclass
+class RunState:
+    epoch: int = 0
+    global_step: int = 0  # optimiser steps
+    micro_step: int = 0
+    skipped_samples: int = 0
+    nonfinite_steps: int = 0
+
+
+def step_seed(seed: int, micro_step: int, rank: int) -> int:
+    """Model-side randomness (masking, dropout, sampled negatives) is a pure function of the step, so a
+    resumed run draws exactly what an uninterrupted one would."""
+    digest = hashlib.sha256(f"{seed}:{micro_step}:{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def prepare_data(cfg: Config) -> str:
+    """The training shard pattern; makes the demo set on first run when no shards are configured."""
+    if cfg.data.train_shards:
+        return cfg.data.train_shards
+    if is_main():
+        ensure_demo_shards(
+            cfg.data.demo_dir, cfg.data.demo_train_samples, cfg.data.demo_test_samples, seed=cfg.train.seed
+        )
+    barrier()
+    train, _ = ensure_demo_shards(
+        cfg.data.demo_dir, cfg.data.demo_train_samples, cfg.data.demo_test_samples, seed=cfg.train.seed
+    )
+    return train
+
+
+def build_dataset(cfg: Config, pattern: str) -> ShardDataset:
+    transform = train_transform(
+        cfg.model.image_size, tuple(cfg.data.crop_scale), cfg.data.hflip, cfg.data.randaug_n, cfg.data.randaug_m
+    )
+    # Rank 0 builds (and caches) the shard index first, so ranks do not race writing it.
+    if is_main():
+        dataset = ShardDataset(pattern, transform, cfg.data.max_words, seed=cfg.train.seed)
+    barrier()
+    if not is_main():
+        dataset = ShardDataset(pattern, transform, cfg.data.max_words, seed=cfg.train.seed)
+    if dataset.num_truncated and is_main():
+        log.warning("%d samples lost to truncated shards (see warnings above)", dataset.num_truncated)
+    return dataset
+
+
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+    out["image"] = out["image"].to(dtype)
+    return out
+
+
+def reduce_mean(values: dict[str, torch.Tensor], device) -> dict[str, float]:
+    """Averages scalars over ranks in one collective (only on logging steps)."""
+    names = sorted(values)
+    stacked = torch.stack([values[n].detach().float().reshape(()).to(device) for n in names])
+    if dist.is_initialized():
+        dist.all_reduce(stacked)
+        stacked /= dist.get_world_size()
+    return dict(zip(names, stacked.tolist()))
+
+
+def any_rank(flag: bool, device) -> bool:
+    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def train(cfg: Config, ds_config_path: str, resume: str | None = None) -> RunState:
+    use_cuda = torch.cuda.is_available()
+    ds_config = load_ds_config(ds_config_path, use_cuda)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    elif is_main():
+        log.warning("no CUDA device: running on CPU in fp32 with the gloo backend")
+    output_dir = Path(cfg.train.output_dir)
+    if is_main():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+
+    pattern = prepare_data(cfg)
+    dataset = build_dataset(cfg, pattern)
+    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    special = {
+        "pad": tokenizer.pad_token_id,
+        "cls": tokenizer.cls_token_id,
+        "sep": tokenizer.sep_token_id,
+        "mask": tokenizer.mask_token_id,
+    }
+    model = GritVLP(cfg.model, cfg.objectives, special_tokens=special)
+    if len(tokenizer) > model.text.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the BERT config only {model.text.config.vocab_size}"
+        )
+
+    micro_batch = ds_config["train_micro_batch_size_per_gpu"]
+    grad_accum = ds_config.get("gradient_accumulation_steps", 1)
+    sampler = EpochBatchSampler(len(dataset), micro_batch, rank=rank, world_size=world, seed=cfg.train.seed)
+    steps_per_epoch = len(sampler) // grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} samples make no full optimiser step of {micro_batch} x {grad_accum} x {world}")
+    total_steps = steps_per_epoch * cfg.train.epochs
+    if cfg.train.max_steps > 0:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    engine, _, _ = build_engine(model, ds_config, total_steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio)
+    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        # The MLM decoder reuses the word embeddings outside their module's forward.
+        deepspeed.zero.register_external_parameter(engine.module.mlm_head, engine.module.text.embeddings.word_embeddings.weight)
+    dtype = precision_dtype(ds_config)
+
+    state = RunState()
+    target = checkpoint.resolve_resume(resume, output_dir)
+    if target is not None:
+        client = checkpoint.load(engine, *target)
+        state = RunState(**client["run_state"])
+        sampler.load_state_dict(client["sampler"])
+    else:
+        sampler.set_epoch(0)
+
+    collator = Collator(tokenizer, cfg.data.max_tokens)
+    monitor = Monitor(output_dir, total_steps, state.global_step, enabled=is_main())
+    if is_main():
+        log.info(
+            "%d samples, %d ranks x %d per rank x %d accumulation, %d steps per epoch, %d steps in all",
+            len(dataset), world, micro_batch, grad_accum, steps_per_epoch, total_steps,
+        )  # fmt: skip
+
+    def client_state() -> dict:
+        return {
+            "run_state": vars(state).copy(),
+            "sampler": sampler.state_dict(),
+            "config": cfg.to_dict(),
+            "model_config": engine.module.config_dict(),
+        }
+
+    fallback_batch = None  # last good batch: stands in (with zero loss) when skips empty a batch
+    window = {"samples": 0}
+    done = state.global_step >= total_steps
+    while not done and state.epoch < cfg.train.epochs:
+        dataset.set_epoch(state.epoch)
+        loader = DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=collator,
+            num_workers=cfg.data.num_workers,
+            pin_memory=use_cuda,
+            persistent_workers=False,
+        )
+        for host_batch in loader:
+            sampler.advance()
+            state.skipped_samples += host_batch["num_skipped"]
+            usable = host_batch["input_ids"].shape[0] >= 2
+            if usable:
+                fallback_batch = host_batch
+            elif fallback_batch is None:
+                raise RuntimeError("the first batch of the run has fewer than 2 readable samples: check the data")
+            batch = to_device(host_batch if usable else fallback_batch, device, dtype)
+
+            torch.manual_seed(step_seed(cfg.train.seed, state.micro_step, rank))
+            out = engine(batch)
+            bad = any_rank(not torch.isfinite(out["loss"]).item(), device)
+            if bad:
+                state.nonfinite_steps += 1
+                if is_main():
+                    log.warning("non-finite loss at step %d: the step's gradient is zeroed", state.global_step)
+                if state.nonfinite_steps >= MAX_CONSECUTIVE_BAD_STEPS:
+                    raise FloatingPointError(
+                        f"{state.nonfinite_steps} consecutive non-finite losses; the last checkpoint is kept intact"
+                    )
+            else:
+                state.nonfinite_steps = 0
+            keep = 0.0 if (bad or not usable) else 1.0
+            engine.backward(torch.nan_to_num(out["loss"]) * keep)
+            engine.step()
+            state.micro_step += 1
+            window["samples"] += host_batch["input_ids"].shape[0] if usable else 0
+            if state.micro_step % grad_accum:
+                continue
+            state.global_step += 1
+            monitor.step()
+
+            if state.global_step % cfg.train.log_every == 0 or state.global_step == total_steps:
+                scalars = reduce_mean({k: out[k] for k in LOGGED_TERMS if k in out}, device)
+                seconds = monitor.elapsed()
+                samples = reduce_mean({"n": torch.tensor(float(window["samples"]))}, device)["n"] * world
+                steps_in_window = cfg.train.log_every if state.global_step % cfg.train.log_every == 0 else 1
+                logged = {f"loss/{k}": v for k, v in scalars.items() if k in ("itc", "consistency", "itm", "mlm")}
+                logged["loss/total"] = scalars["loss"]
+                logged.update({f"train/{k}": v for k, v in scalars.items() if k in ("itm_acc", "temp")})
+                logged.update({f"similarity/{k[4:]}": v for k, v in scalars.items() if k.startswith("sim_")})
+                logged["train/lr"] = engine.get_lr()[0]
+                grad_norm = engine.get_global_grad_norm()
+                if grad_norm is not None:
+                    logged["train/grad_norm"] = float(grad_norm)
+                logged["perf/samples_per_s"] = samples / max(seconds, 1e-9)
+                logged["perf/step_time_s"] = seconds / steps_in_window
+                logged["data/skipped_samples"] = float(state.skipped_samples)
+                monitor.log(state.global_step, logged)
+                window["samples"] = 0
+
+            if state.global_step % cfg.train.save_every == 0:
+                checkpoint.save(engine, output_dir, state.global_step, client_state(), cfg.train.keep_checkpoints)
+            if state.global_step >= total_steps:
+                done = True
+                break
+        else:
+            state.epoch += 1
+            sampler.set_epoch(state.epoch)
+    if state.global_step % cfg.train.save_every != 0:
+        checkpoint.save(engine, output_dir, state.global_step, client_state(), cfg.train.keep_checkpoints)
+    monitor.close()
+    if is_main():
+        log.info("finished at step %d; checkpoints in %s", state.global_step, checkpoint.checkpoint_dir(output_dir))
+        if cfg.train.export_fp16:
+            export_final(output_dir)
+    barrier()
+    return state
+
+
+def export_final(output_dir: Path) -> None:
+    """fp16 weights for fine-tuning; a failure here is reported, the checkpoint stays the source of truth."""
+    from gritvlp.export import export_fp16
+
+    try:
+        export_fp16(checkpoint.checkpoint_dir(output_dir), output_dir / "export_fp16")
+    except (ValueError, OSError) as err:
+        log.error("fp16 export failed (%s); the checkpoint is intact: export it with scripts/export_fp16.py", err)

@@ -1,0 +1,140 @@
+"""End to end on CPU through the deepspeed launcher: ZeRO-2 on 2 processes, exact resume, fp16 export."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+SMALL_RUN = [
+    "data.demo_train_samples=64",
+    "data.demo_test_samples=16",
+    "data.num_workers=1",
+    "train.max_steps=6",
+    "train.save_every=3",
+    "train.log_every=1",
+    "train.warmup_steps=2",
+    "train.keep_checkpoints=5",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ds_config(tmp: Path, stage: int) -> Path:
+    config = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    config["train_micro_batch_size_per_gpu"] = 8
+    config["zero_optimization"] = {"stage": stage}
+    path = tmp / f"zero{stage}.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def pretrain(out: Path, ds: Path, procs: int, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [
+        "deepspeed", "--num_gpus", str(procs), "--master_port", str(free_port()),
+        "scripts/pretrain.py", "--deepspeed_config", str(ds), "--output_dir", str(out),
+        f"data.demo_dir={out.parent / 'demo'}", *SMALL_RUN, *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"pretrain failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def losses(run: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row for row in rows}
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("zero2")
+    ds = ds_config(tmp, 2)
+    pretrain(tmp / "full", ds, 2)
+    return tmp, ds
+
+
+def test_two_process_zero2_run_logs_every_term(zero2_run):
+    tmp, _ = zero2_run
+    run = tmp / "full"
+    metrics = losses(run)
+    assert sorted(metrics) == [1, 2, 3, 4, 5, 6]
+    for key in ("loss/total", "loss/itc", "loss/consistency", "loss/itm", "loss/mlm", "train/itm_acc",
+                "train/temp", "train/lr", "train/grad_norm", "perf/samples_per_s", "perf/step_time_s"):  # fmt: skip
+        assert all(torch.isfinite(torch.tensor(m[key])) for m in metrics.values()), key
+    assert metrics[1]["train/lr"] < metrics[2]["train/lr"]  # warm-up
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    tags = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir())
+    assert tags == ["global_step3", "global_step6"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "global_step6"
+    assert (run / "export_fp16" / "model.safetensors").is_file()
+
+
+def test_resume_mid_epoch_gives_the_same_losses(zero2_run):
+    tmp, ds = zero2_run
+    pretrain(tmp / "resumed", ds, 2, "--resume", str(tmp / "full" / "checkpoints" / "global_step3"))
+    full, resumed = losses(tmp / "full"), losses(tmp / "resumed")
+    assert sorted(resumed) == [4, 5, 6]  # 4 steps per epoch: the resume lands mid-epoch 0 and crosses into 1
+    for step in (4, 5, 6):
+        for key in ("loss/total", "loss/itc", "loss/itm", "loss/mlm"):
+            assert resumed[step][key] == pytest.approx(full[step][key], rel=1e-5, abs=1e-6), (step, key)
+
+
+def check_export_matches(checkpoint: Path, out: Path):
+    from gritvlp.export import export_fp16, fp32_state_dict
+    from gritvlp.model.gritvlp import GritVLP
+
+    export_fp16(checkpoint, out)
+    weights, model_config = fp32_state_dict(checkpoint)
+    reference = GritVLP.from_config_dict(model_config).eval()
+    reference.load_state_dict(weights)
+    loaded = GritVLP.from_pretrained(out).eval()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(3, 3, 64, 64, generator=g)
+    ids = torch.tensor([[101, 1037, 2417, 4418, 102]] * 3)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        for model_out, ref_out in zip(
+            (loaded.encode_image(images)[1], loaded.encode_text(ids, mask)[1]),
+            (reference.encode_image(images)[1], reference.encode_text(ids, mask)[1]),
+        ):
+            torch.testing.assert_close(model_out, ref_out, rtol=0, atol=1e-2)
+    assert (out / "config.json").is_file() and (out / "vocab.txt").is_file()
+
+
+def test_export_zero2_then_from_pretrained(zero2_run, tmp_path):
+    tmp, _ = zero2_run
+    check_export_matches(tmp / "full" / "checkpoints", tmp_path / "export")
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_export_zero_stage_1_and_3(stage, tmp_path):
+    ds = ds_config(tmp_path, stage)
+    pretrain(tmp_path / "run", ds, 1, "train.max_steps=2", "train.export_fp16=false")
+    check_export_matches(tmp_path / "run" / "checkpoints" / "global_step2", tmp_path / "export")
+
+
+def test_fp16_overflow_is_a_clear_error():
+    from gritvlp.export import to_fp16
+
+    with pytest.raises(ValueError, match="'vision_proj.weight' has a value of magnitude 1e\\+05"):
+        to_fp16({"temp": torch.tensor([0.07]), "vision_proj.weight": torch.tensor([1.0, 1e5])})
+    assert to_fp16({"w": torch.tensor([1.0, -2.0])})["w"].dtype == torch.float16
+
+
+def test_bad_config_key_fails_before_training(tmp_path):
+    cmd = [sys.executable, "scripts/pretrain.py", "--deepspeed_config", "ds_configs/zero2.json", "objectives.mask_rate=0.3"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "unknown config key 'objectives.mask_rate'" in result.stderr
