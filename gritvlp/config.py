@@ -82,6 +82,8 @@ class DataConfig:
 class TrainConfig:
     output_dir: str = "runs/demo"
     epochs: int = 20
+    # When set, replaces the learning rate of ds_config's optimizer block (which owns the optimizer).
+    lr: float | None = None
     max_steps: int = 0  # > 0 stops early (demo, tests)
     warmup_steps: int = 1000
     min_lr_ratio: float = 0.01

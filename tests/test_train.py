@@ -110,7 +110,7 @@ def check_export_matches(checkpoint: Path, out: Path):
             (reference.encode_image(images)[1], reference.encode_text(ids, mask)[1]),
         ):
             torch.testing.assert_close(model_out, ref_out, rtol=0, atol=1e-2)
-    assert (out / "config.json").is_file() and (out / "vocab.txt").is_file()
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
 
 
 def test_export_zero2_then_from_pretrained(zero2_run, tmp_path):

@@ -111,6 +111,8 @@ def any_rank(flag: bool, device) -> bool:
 def train(cfg: Config, ds_config_path: str, resume: str | None = None) -> RunState:
     use_cuda = torch.cuda.is_available()
     ds_config = load_ds_config(ds_config_path, use_cuda)
+    if cfg.train.lr is not None:
+        ds_config.setdefault("optimizer", {}).setdefault("params", {})["lr"] = cfg.train.lr
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
