@@ -221,6 +221,7 @@ def train(cfg: Config, ds_config_path: str, resume: str | None = None) -> RunSta
                 state.nonfinite_steps = 0
             keep = 0.0 if (bad or not usable) else 1.0
             engine.backward(torch.nan_to_num(out["loss"]) * keep)
+            lr = engine.get_lr()[0]  # the rate this step uses; step() advances the schedule
             engine.step()
             state.micro_step += 1
             window["samples"] += host_batch["input_ids"].shape[0] if usable else 0
@@ -238,7 +239,7 @@ def train(cfg: Config, ds_config_path: str, resume: str | None = None) -> RunSta
                 logged["loss/total"] = scalars["loss"]
                 logged.update({f"train/{k}": v for k, v in scalars.items() if k in ("itm_acc", "temp")})
                 logged.update({f"similarity/{k[4:]}": v for k, v in scalars.items() if k.startswith("sim_")})
-                logged["train/lr"] = engine.get_lr()[0]
+                logged["train/lr"] = lr
                 grad_norm = engine.get_global_grad_norm()
                 if grad_norm is not None:
                     logged["train/grad_norm"] = float(grad_norm)
