@@ -61,6 +61,17 @@ class ObjectivesConfig:
 
 
 @dataclass
+class SamplingConfig:
+    # GRIT grouped mini-batches from epoch 1 on; off = random batches (the baseline).
+    grit: bool = True
+    # L: samples kept per rank before the banks are gathered and grouped (a multiple of M).
+    bank_size: int = 48000
+    # M: samples per search space (a multiple of the per-rank batch size).
+    search_space: int = 1920
+    shuffle_batches: bool = True
+
+
+@dataclass
 class DataConfig:
     # Shard paths: local files, globs or brace patterns ("data/train-{000000..000099}.tar"),
     # several separated by "::". Empty means the built-in demo set.
@@ -99,6 +110,7 @@ class TrainConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 

@@ -22,6 +22,9 @@ SMALL_RUN = [
     "train.log_every=1",
     "train.warmup_steps=2",
     "train.keep_checkpoints=5",
+    # GRIT: banks of 16 per rank, gathered (32) and grouped every 2 steps: a flush lands mid-epoch.
+    "sampling.bank_size=16",
+    "sampling.search_space=16",
 ]
 
 
@@ -53,8 +56,11 @@ def pretrain(out: Path, ds: Path, procs: int, *extra: str) -> subprocess.Complet
 
 
 def losses(run: Path) -> dict[int, dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row for row in rows}
+    merged: dict[int, dict] = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        merged.setdefault(row["step"], {}).update(row)  # epoch-end scalars share a step with the losses
+    return merged
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +95,25 @@ def test_resume_mid_epoch_gives_the_same_losses(zero2_run):
     for step in (4, 5, 6):
         for key in ("loss/total", "loss/itc", "loss/itm", "loss/mlm"):
             assert resumed[step][key] == pytest.approx(full[step][key], rel=1e-5, abs=1e-6), (step, key)
+    # Epoch 1 ran in the grouped order built from epoch 0's features, half of them restored from the banks.
+    orders = [client_state(run / "checkpoints" / "global_step6")["sampler"] for run in (tmp / "full", tmp / "resumed")]
+    assert orders[0]["epoch"] == 1 and orders[0]["order"] is not None
+    assert torch.equal(orders[0]["order"], orders[1]["order"])
+    assert sorted(orders[0]["order"].tolist()) == list(range(64))
+
+
+def client_state(tag: Path) -> dict:
+    return torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+
+
+def test_grit_epoch_is_grouped_and_logged(zero2_run):
+    tmp, _ = zero2_run
+    metrics = losses(tmp / "full")
+    epoch_end = [m for m in metrics.values() if "grit/grouping_time_s" in m]
+    assert len(epoch_end) == 1 and epoch_end[0]["grit/grouping_time_s"] > 0
+    for m in metrics.values():
+        assert -1 <= m["similarity/neg"] <= 1 and -1 <= m["similarity/itm_neg"] <= 1
+    assert (tmp / "full" / "checkpoints" / "global_step3" / "gritvlp_rank00001.pt").is_file()
 
 
 def check_export_matches(checkpoint: Path, out: Path):

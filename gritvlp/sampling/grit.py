@@ -306,6 +306,29 @@ def grit_epoch_order(
     """
     if batch_size < 1 or search_space < 1 or search_space % batch_size:
         raise ValueError(f"search_space={search_space} must be a positive multiple of batch_size={batch_size}")
+    gen = epoch_generator(seed, epoch)
+    grouped, seen = group_bank(
+        image_feat, text_feat, indices, num_samples, search_space, group_ids, gen, distributed, max_elements
+    )
+    missing = (~seen).nonzero().flatten()
+    missing = missing[torch.randperm(missing.numel(), generator=gen)]
+    return _arrange(grouped, missing, batch_size, shuffle_batches, gen)
+
+
+@torch.no_grad()
+def group_bank(
+    image_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    indices: torch.Tensor,
+    num_samples: int,
+    search_space: int,
+    group_ids: torch.Tensor | None,
+    gen: torch.Generator,
+    distributed: bool | None = None,
+    max_elements: int = MAX_SIM_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Groups a gathered bank: returns (dataset indices in visiting order, search space after search space, on CPU;
+    a bool mask [num_samples] of the samples it held). See grit_epoch_order for the rules."""
     idx = torch.as_tensor(indices).detach().flatten().to("cpu", torch.long)
     if idx.numel() and (idx.min() < 0 or idx.max() >= num_samples):
         raise ValueError(f"bank indices must lie in [0, {num_samples})")
@@ -314,7 +337,6 @@ def grit_epoch_order(
     keep = first[first < idx.numel()]
     if search_space > keep.numel():
         raise ValueError(f"search_space={search_space} is larger than the bank ({keep.numel()} distinct samples)")
-    gen = epoch_generator(seed, epoch)
     rows = keep[torch.randperm(keep.numel(), generator=gen)]  # example-level shuffle
     n, m = rows.numel(), search_space
     s = -(-n // m)
@@ -329,10 +351,7 @@ def grit_epoch_order(
     group = _group_sharded if (_distributed() if distributed is None else distributed) else _group_rows
     walk = group(image_feat, text_feat, rows_padded, groups, counts, starts, max_elements)
     visited = idx[rows_padded.gather(1, walk)]  # dataset indices in visiting order
-    grouped = torch.cat([visited[:-1].flatten(), visited[-1, : counts[-1]]])  # drop the padding of the last space
-    missing = (first == idx.numel()).nonzero().flatten()
-    missing = missing[torch.randperm(missing.numel(), generator=gen)]
-    return _arrange(grouped, missing, batch_size, shuffle_batches, gen)
+    return torch.cat([visited[:-1].flatten(), visited[-1, : counts[-1]]]), first < idx.numel()
 
 
 def _arrange(grouped, missing, batch_size, shuffle_batches, gen):

@@ -10,6 +10,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 log = logging.getLogger("gritvlp.train")
@@ -21,11 +22,19 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def save(engine, output_dir: str | Path, step: int, client_state: dict, keep: int) -> Path:
-    """Saves on every rank (ZeRO shards live on each), then prunes older tags on rank 0."""
+def rank_state_path(folder: Path, tag: str) -> Path:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return folder / tag / f"gritvlp_rank{rank:05d}.pt"
+
+
+def save(engine, output_dir: str | Path, step: int, client_state: dict, keep: int, rank_state: dict | None = None) -> Path:
+    """Saves on every rank (ZeRO shards live on each), with each rank's own state (its GRIT feature bank)
+    beside them, then prunes older tags on rank 0."""
     folder = checkpoint_dir(output_dir)
     tag = f"{TAG_PREFIX}{step}"
     engine.save_checkpoint(str(folder), tag=tag, client_state=client_state)
+    if rank_state is not None:
+        torch.save(rank_state, rank_state_path(folder, tag))
     if dist.is_initialized():
         dist.barrier()
     if keep > 0 and (not dist.is_initialized() or dist.get_rank() == 0):
@@ -64,9 +73,13 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> tuple[Path, st
     raise FileNotFoundError(f"--resume {resume}: neither a checkpoints folder with 'latest' nor a checkpoint tag folder")
 
 
-def load(engine, folder: Path, tag: str | None) -> dict:
+def load(engine, folder: Path, tag: str | None) -> tuple[dict, dict | None]:
+    """Returns the client state and this rank's own state (None if the checkpoint has none)."""
     path, client_state = engine.load_checkpoint(str(folder), tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load a checkpoint from {folder} (tag {tag or 'latest'})")
+    tag = tag or (folder / "latest").read_text().strip()
+    own = rank_state_path(folder, tag)
+    rank_state = torch.load(own, map_location="cpu", weights_only=False) if own.is_file() else None
     log.info("resumed from %s", path)
-    return client_state or {}
+    return client_state or {}, rank_state

@@ -28,6 +28,10 @@ class Monitor:
         if self.bar is not None:
             self.bar.update(n)
 
+    @staticmethod
+    def clock() -> float:
+        return time.perf_counter()
+
     def elapsed(self) -> float:
         """Seconds since the previous call."""
         now = time.perf_counter()

@@ -20,6 +20,7 @@ from gritvlp.data.text import load_tokenizer
 from gritvlp.data.transforms import train_transform
 from gritvlp.model.gritvlp import GritVLP
 from gritvlp.sampling.order import EpochBatchSampler
+from gritvlp.sampling.schedule import GritSchedule
 from gritvlp.train import checkpoint
 from gritvlp.train.engine import build_engine, load_ds_config, precision_dtype
 from gritvlp.train.monitor import Monitor
@@ -146,6 +147,12 @@ def train(cfg: Config, ds_config_path: str, resume: str | None = None) -> RunSta
     micro_batch = ds_config["train_micro_batch_size_per_gpu"]
     grad_accum = ds_config.get("gradient_accumulation_steps", 1)
     sampler = EpochBatchSampler(len(dataset), micro_batch, rank=rank, world_size=world, seed=cfg.train.seed)
+    schedule = None
+    if cfg.sampling.grit:
+        schedule = GritSchedule(
+            len(dataset), micro_batch, world, cfg.sampling.bank_size, cfg.sampling.search_space,
+            cfg.sampling.shuffle_batches, group_ids=dataset.group_ids, seed=cfg.train.seed,
+        )  # fmt: skip
     steps_per_epoch = len(sampler) // grad_accum
     if steps_per_epoch == 0:
         raise ValueError(f"{len(dataset)} samples make no full optimiser step of {micro_batch} x {grad_accum} x {world}")
@@ -161,9 +168,14 @@ def train(cfg: Config, ds_config_path: str, resume: str | None = None) -> RunSta
     state = RunState()
     target = checkpoint.resolve_resume(resume, output_dir)
     if target is not None:
-        client = checkpoint.load(engine, *target)
+        client, rank_state = checkpoint.load(engine, *target)
         state = RunState(**client["run_state"])
         sampler.load_state_dict(client["sampler"])
+        if schedule is not None and "grit" in client and rank_state is not None:
+            schedule.load_state_dict(client["grit"])
+            schedule.bank.load_state_dict(rank_state["bank"])
+        elif schedule is not None and is_main():
+            log.warning("the checkpoint holds no GRIT state: this epoch's features start from empty banks")
     else:
         sampler.set_epoch(0)
 
@@ -181,13 +193,19 @@ def train(cfg: Config, ds_config_path: str, resume: str | None = None) -> RunSta
             "sampler": sampler.state_dict(),
             "config": cfg.to_dict(),
             "model_config": engine.module.config_dict(),
+            "grit": schedule.state_dict() if schedule is not None else None,
         }
+
+    def save() -> None:
+        rank_state = {"bank": schedule.bank.state_dict()} if schedule is not None else None
+        checkpoint.save(engine, output_dir, state.global_step, client_state(), cfg.train.keep_checkpoints, rank_state)
 
     fallback_batch = None  # last good batch: stands in (with zero loss) when skips empty a batch
     window = {"samples": 0}
     done = state.global_step >= total_steps
     while not done and state.epoch < cfg.train.epochs:
         dataset.set_epoch(state.epoch)
+        epoch_start, grouping_seconds = monitor.clock(), 0.0
         loader = DataLoader(
             dataset,
             batch_sampler=sampler,
@@ -219,6 +237,10 @@ def train(cfg: Config, ds_config_path: str, resume: str | None = None) -> RunSta
                     )
             else:
                 state.nonfinite_steps = 0
+            if schedule is not None:
+                if usable and not bad:
+                    schedule.add(out["image_feat"], out["text_feat"], batch["index"])
+                grouping_seconds += schedule.tick(state.epoch)  # a collective: every rank, every micro-step
             keep = 0.0 if (bad or not usable) else 1.0
             engine.backward(torch.nan_to_num(out["loss"]) * keep)
             lr = engine.get_lr()[0]  # the rate this step uses; step() advances the schedule
@@ -250,15 +272,24 @@ def train(cfg: Config, ds_config_path: str, resume: str | None = None) -> RunSta
                 window["samples"] = 0
 
             if state.global_step % cfg.train.save_every == 0:
-                checkpoint.save(engine, output_dir, state.global_step, client_state(), cfg.train.keep_checkpoints)
+                save()
             if state.global_step >= total_steps:
                 done = True
                 break
         else:
+            order = None
+            if schedule is not None:
+                order = schedule.next_epoch_order(state.epoch + 1)
+                grouping_seconds += schedule.last_seconds
+                epoch_seconds = monitor.clock() - epoch_start
+                monitor.log(
+                    state.global_step,
+                    {"grit/grouping_time_s": grouping_seconds, "grit/grouping_share": grouping_seconds / epoch_seconds},
+                )
             state.epoch += 1
-            sampler.set_epoch(state.epoch)
+            sampler.set_epoch(state.epoch, order)
     if state.global_step % cfg.train.save_every != 0:
-        checkpoint.save(engine, output_dir, state.global_step, client_state(), cfg.train.keep_checkpoints)
+        save()
     monitor.close()
     if is_main():
         log.info("finished at step %d; checkpoints in %s", state.global_step, checkpoint.checkpoint_dir(output_dir))
