@@ -12,6 +12,15 @@ import os
 from . import reference
 from .reference import ITCOutput
 
+# The fused modules are imported here, before the dispatch functions below are defined: importing a submodule
+# binds it as an attribute of this package, and `lm_loss` names both a submodule and a dispatch function. Bound
+# now, the name is taken back by the function below; a later import finds the module loaded and binds nothing.
+try:
+    from . import itc as _fused_itc
+    from . import lm_loss as _fused_lm
+except ImportError:  # triton missing: the reference serves every call
+    _fused_itc = _fused_lm = None
+
 __all__ = ["ITCOutput", "itc_loss", "lm_loss", "backend_for", "reference"]
 
 
@@ -34,12 +43,9 @@ def _triton_available() -> bool:
 
 def _fused_modules():
     """The fused implementations, or None while they are not part of this build."""
-    try:
-        from . import itc as fused_itc  # noqa: F401
-        from . import lm_loss as fused_lm  # noqa: F401
-    except ImportError:
+    if _fused_itc is None or _fused_lm is None:
         return None
-    return fused_itc, fused_lm
+    return _fused_itc, _fused_lm
 
 
 def itc_loss(image_feat, text_feat, temp, **kwargs) -> ITCOutput:
