@@ -30,7 +30,7 @@ class ModelConfig:
     vision_weights: str | None = None
     image_size: int = 256
     # BertConfig keyword overrides, or a local folder with a BERT config.json (and weights).
-    text_config: dict = field(default_factory=dict)
+    text_config: dict | str = field(default_factory=dict)
     text_weights: str | None = None
     # Layers [0, num_text_layers) encode text only; the rest are fusion layers with cross-attention.
     num_text_layers: int = 6
@@ -124,7 +124,13 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
         args = typing.get_args(annotation)
         if value is None and type(None) in args:
             return None
-        (annotation,) = [a for a in args if a is not type(None)]
+        arms = [a for a in args if a is not type(None)]
+        for arm in arms[:-1]:
+            try:
+                return _check_type(value, arm, key)
+            except ConfigError:
+                pass
+        annotation = arms[-1]
         origin = typing.get_origin(annotation)
     expected = origin or annotation
     if expected is float and isinstance(value, int) and not isinstance(value, bool):

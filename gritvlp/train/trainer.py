@@ -201,7 +201,7 @@ def train(cfg: Config, ds_config_path: str, resume: str | None = None) -> RunSta
         checkpoint.save(engine, output_dir, state.global_step, client_state(), cfg.train.keep_checkpoints, rank_state)
 
     fallback_batch = None  # last good batch: stands in (with zero loss) when skips empty a batch
-    window = {"samples": 0}
+    window = {"samples": 0, "steps": 0}
     done = state.global_step >= total_steps
     while not done and state.epoch < cfg.train.epochs:
         dataset.set_epoch(state.epoch)
@@ -250,13 +250,13 @@ def train(cfg: Config, ds_config_path: str, resume: str | None = None) -> RunSta
             if state.micro_step % grad_accum:
                 continue
             state.global_step += 1
+            window["steps"] += 1
             monitor.step()
 
             if state.global_step % cfg.train.log_every == 0 or state.global_step == total_steps:
                 scalars = reduce_mean({k: out[k] for k in LOGGED_TERMS if k in out}, device)
                 seconds = monitor.elapsed()
                 samples = reduce_mean({"n": torch.tensor(float(window["samples"]))}, device)["n"] * world
-                steps_in_window = cfg.train.log_every if state.global_step % cfg.train.log_every == 0 else 1
                 logged = {f"loss/{k}": v for k, v in scalars.items() if k in ("itc", "consistency", "itm", "mlm")}
                 logged["loss/total"] = scalars["loss"]
                 logged.update({f"train/{k}": v for k, v in scalars.items() if k in ("itm_acc", "temp")})
@@ -266,10 +266,10 @@ def train(cfg: Config, ds_config_path: str, resume: str | None = None) -> RunSta
                 if grad_norm is not None:
                     logged["train/grad_norm"] = float(grad_norm)
                 logged["perf/samples_per_s"] = samples / max(seconds, 1e-9)
-                logged["perf/step_time_s"] = seconds / steps_in_window
+                logged["perf/step_time_s"] = seconds / window["steps"]
                 logged["data/skipped_samples"] = float(state.skipped_samples)
                 monitor.log(state.global_step, logged)
-                window["samples"] = 0
+                window.update(samples=0, steps=0)
 
             if state.global_step % cfg.train.save_every == 0:
                 save()
