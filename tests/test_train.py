@@ -2,9 +2,11 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,14 +45,20 @@ def ds_config(tmp: Path, stage: int) -> Path:
     return path
 
 
-def pretrain(out: Path, ds: Path, procs: int, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def pretrain_cmd(out: Path, ds: Path, procs: int, *extra: str) -> list[str]:
+    return [
         "deepspeed", "--num_gpus", str(procs), "--master_port", str(free_port()),
         "scripts/pretrain.py", "--deepspeed_config", str(ds), "--output_dir", str(out),
         f"data.demo_dir={out.parent / 'demo'}", *SMALL_RUN, *extra,
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+def pretrain(out: Path, ds: Path, procs: int, *extra: str) -> subprocess.CompletedProcess:
+    cmd = pretrain_cmd(out, ds, procs, *extra)
+    result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"pretrain failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result
 
@@ -87,16 +95,27 @@ def test_two_process_zero2_run_logs_every_term(zero2_run):
     assert (run / "export_fp16" / "model.safetensors").is_file()
 
 
-def test_resume_mid_epoch_gives_the_same_losses(zero2_run):
+def test_killed_run_resumes_exactly(zero2_run):
+    """The same run, killed (SIGKILL, whole process group) once its first checkpoint exists, then resumed."""
     tmp, ds = zero2_run
-    pretrain(tmp / "resumed", ds, 2, "--resume", str(tmp / "full" / "checkpoints" / "global_step3"))
-    full, resumed = losses(tmp / "full"), losses(tmp / "resumed")
-    assert sorted(resumed) == [4, 5, 6]  # 4 steps per epoch: the resume lands mid-epoch 0 and crosses into 1
-    for step in (4, 5, 6):
+    run = tmp / "killed"
+    proc = subprocess.Popen(
+        pretrain_cmd(run, ds, 2), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    latest, deadline = run / "checkpoints" / "latest", time.time() + 600
+    while not latest.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert latest.read_text().strip() == "global_step3"  # killed mid-epoch 0 (4 steps per epoch)
+    pretrain(run, ds, 2, "--resume", "latest")
+    full, resumed = losses(tmp / "full"), losses(run)
+    for step in (4, 5, 6):  # the resume crosses into epoch 1, which runs in the grouped order
         for key in ("loss/total", "loss/itc", "loss/itm", "loss/mlm"):
             assert resumed[step][key] == pytest.approx(full[step][key], rel=1e-5, abs=1e-6), (step, key)
     # Epoch 1 ran in the grouped order built from epoch 0's features, half of them restored from the banks.
-    orders = [client_state(run / "checkpoints" / "global_step6")["sampler"] for run in (tmp / "full", tmp / "resumed")]
+    orders = [client_state(r / "checkpoints" / "global_step6")["sampler"] for r in (tmp / "full", run)]
     assert orders[0]["epoch"] == 1 and orders[0]["order"] is not None
     assert torch.equal(orders[0]["order"], orders[1]["order"])
     assert sorted(orders[0]["order"].tolist()) == list(range(64))
@@ -159,7 +178,13 @@ def test_fp16_overflow_is_a_clear_error():
 
 
 def test_bad_config_key_fails_before_training(tmp_path):
-    cmd = [sys.executable, "scripts/pretrain.py", "--deepspeed_config", "ds_configs/zero2.json", "objectives.mask_rate=0.3"]
+    cmd = [
+        sys.executable,
+        "scripts/pretrain.py",
+        "--deepspeed_config",
+        "ds_configs/zero2.json",
+        "objectives.mask_rate=0.3",
+    ]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "unknown config key 'objectives.mask_rate'" in result.stderr

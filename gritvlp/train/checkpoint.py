@@ -1,12 +1,13 @@
 """Checkpoints: DeepSpeed's own format (zero_to_fp32 compatible) plus gritvlp's client state.
 
-DeepSpeed writes a tag folder and only then points 'latest' at it, so an interrupted save leaves the
-previous checkpoint in place; old tags are pruned only after a save completed on every rank.
+Every rank writes its part of a tag folder; only when all have finished does rank 0 point 'latest' at it,
+so an interrupted save leaves the previous checkpoint in place. Old tags are pruned after that.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -29,19 +30,26 @@ def rank_state_path(folder: Path, tag: str) -> Path:
 
 def save(engine, output_dir: str | Path, step: int, client_state: dict, keep: int, rank_state: dict | None = None) -> Path:
     """Saves on every rank (ZeRO shards live on each), with each rank's own state (its GRIT feature bank)
-    beside them, then prunes older tags on rank 0."""
+    beside them. 'latest' moves to the new tag only once every rank has finished writing, so a run killed
+    at any moment resumes from a complete checkpoint; older tags are pruned after that."""
     folder = checkpoint_dir(output_dir)
     tag = f"{TAG_PREFIX}{step}"
-    engine.save_checkpoint(str(folder), tag=tag, client_state=client_state)
+    engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
     if rank_state is not None:
         torch.save(rank_state, rank_state_path(folder, tag))
     if dist.is_initialized():
         dist.barrier()
-    if keep > 0 and (not dist.is_initialized() or dist.get_rank() == 0):
-        tags = sorted((p for p in folder.glob(f"{TAG_PREFIX}*") if p.is_dir()), key=_step_of)
-        for old in tags[:-keep]:
-            if old.name != tag:
-                shutil.rmtree(old, ignore_errors=True)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        pending = folder / "latest.tmp"
+        pending.write_text(tag)
+        os.replace(pending, folder / "latest")  # atomic
+        if keep > 0:
+            tags = sorted((p for p in folder.glob(f"{TAG_PREFIX}*") if p.is_dir()), key=_step_of)
+            for old in tags[:-keep]:
+                if old.name != tag:
+                    shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
     return folder / tag
 
 
