@@ -29,6 +29,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .reference import check_lm_inputs
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _CHUNK_BYTES = 32 * 2**20  # size of one [C, V] logits chunk
 _MAX_BLOCK_V = 16 if _INTERPRET else 8192  # small blocks under the CPU interpreter, so that tests cross them
@@ -164,10 +166,7 @@ def lm_loss(
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Cross-entropy of (hidden @ weight.T + bias) against labels, mean over labelled rows (fused, chunked)."""
-    if hidden.shape[:-1] != labels.shape:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} do not match")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+    check_lm_inputs(hidden, labels, label_smoothing)
     params = (hidden, weight) if bias is None else (hidden, weight, bias)
     compute_grad = torch.is_grad_enabled() and any(t.requires_grad for t in params)
     return FusedLinearCrossEntropy.apply(hidden, weight, bias, labels, ignore_index, label_smoothing, compute_grad)

@@ -146,6 +146,13 @@ def itc_loss(
     )
 
 
+def check_lm_inputs(hidden: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> None:
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} do not match")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+
+
 def lm_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -160,8 +167,7 @@ def lm_loss(
     hidden [..., H], weight [V, H], bias [V] or None, labels [...]. With no labelled row the loss is 0
     (still connected to the graph, so every rank runs the same backward).
     """
-    if hidden.shape[:-1] != labels.shape:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} do not match")
+    check_lm_inputs(hidden, labels, label_smoothing)
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
     keep = labels != ignore_index
