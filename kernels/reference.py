@@ -21,6 +21,7 @@ ITC contract (shared by the fused Triton kernel):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -81,7 +82,7 @@ def _contrastive(s: torch.Tensor, pos: torch.Tensor, beta: float, alpha: float) 
         neg_term = torch.log(n_neg.to(s.dtype)) + torch.logsumexp(weighted, 1) - torch.logsumexp(norm, 1)
     neg_term = torch.where(n_neg > 0, neg_term, torch.full_like(neg_term, minus_inf))
     # log(alpha e^{s_ip} + e^{neg_term}) for every column (used only at positives)
-    log_alpha = torch.log(torch.tensor(alpha, dtype=s.dtype, device=s.device))
+    log_alpha = math.log(alpha) if alpha > 0 else float("-inf")  # a Python float: no host-to-device copy
     denom = torch.logaddexp(s + log_alpha, neg_term[:, None])
     per_pos = (s - denom).masked_fill(neg, 0.0)
     return -(per_pos.sum(1) / n_pos.clamp(min=1)).mean()
@@ -146,11 +147,21 @@ def itc_loss(
     )
 
 
-def check_lm_inputs(hidden: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> None:
+def check_lm_inputs(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int | None, label_smoothing: float
+) -> None:
+    """Shapes and smoothing on the host; the label range on the device (torch._assert_async), so the host never
+    waits: on CPU a bad label raises RuntimeError here, on CUDA it is a device-side assert that fails the step."""
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} do not match")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+    vocab = weight.shape[0]
+    valid = (labels >= 0) & (labels < vocab)
+    if ignore_index is not None:
+        valid |= labels == ignore_index
+    ignored = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
+    torch._assert_async(valid.all(), f"labels must lie in [0, {vocab}){ignored}")
 
 
 def lm_loss(
@@ -159,20 +170,23 @@ def lm_loss(
     bias: torch.Tensor | None,
     labels: torch.Tensor,
     *,
-    ignore_index: int = -100,
+    ignore_index: int | None = -100,
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Cross-entropy of (hidden @ weight.T + bias) against labels, mean over labelled rows.
 
-    hidden [..., H], weight [V, H], bias [V] or None, labels [...]. With no labelled row the loss is 0
-    (still connected to the graph, so every rank runs the same backward).
+    hidden [..., H], weight [V, H], bias [V] or None, labels [...]. ignore_index=None: every row is labelled
+    (compacted by the caller) and nothing waits for the device; otherwise the rows labelled ignore_index are
+    dropped by boolean indexing, which synchronises with the host. With no labelled row the loss is 0 (still
+    connected to the graph, so every rank runs the same backward).
     """
-    check_lm_inputs(hidden, labels, label_smoothing)
-    hidden = hidden.reshape(-1, hidden.shape[-1])
+    check_lm_inputs(hidden, weight, labels, ignore_index, label_smoothing)
+    rows = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
-    keep = labels != ignore_index
-    rows = hidden[keep]
+    if ignore_index is not None:
+        keep = labels != ignore_index
+        rows, labels = rows[keep], labels[keep]
     logits = F.linear(rows, weight, bias).float()
     if rows.shape[0] == 0:
         return logits.sum() * 0.0 + hidden.sum() * 0.0
-    return F.cross_entropy(logits, labels[keep], label_smoothing=label_smoothing)
+    return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)

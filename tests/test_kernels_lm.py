@@ -1,8 +1,11 @@
 """Fused masked-LM loss (Triton cross-entropy run by the CPU interpreter) against the PyTorch reference.
 
 Tolerances: fp32: loss within 1e-5 relative, gradients within 1e-5 of the largest reference gradient entry.
-fp16: both compute the logits with the same F.linear; the fused path keeps d logits in fp16 (unscaled
-softmax - target) before its GEMMs while the reference rounds the scaled fp32 gradient, so gradients get 2e-3.
+fp16: the fused path adds the bias in fp32 to the rounded GEMM output (F.linear rounds once, after it) and keeps
+d logits in fp16 (unscaled softmax - target) before its GEMMs while the reference rounds the scaled fp32
+gradient: loss 1e-4, gradients 2e-3; bf16 (under autocast, 8x coarser): loss 2e-3, gradients 2e-2.
+Vocabularies that are not multiples of 64 (37, 41, 53, 133) leave pad columns in the [C, V_pad] logits buffer;
+133 = 128 + 5 also splits each GEMM into a 64-aligned part and the rest.
 """
 
 import importlib
@@ -10,10 +13,11 @@ import importlib
 import pytest
 import torch
 from gritvlp.kernels import reference
+from torch.utils._python_dispatch import TorchDispatchMode
 
 lm = importlib.import_module("gritvlp.kernels.lm_loss")
 
-TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-4, 2e-3)}  # (loss rtol, gradient tol)
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-4, 2e-3), torch.bfloat16: (2e-3, 2e-2)}  # (loss, grads)
 
 
 def make_case(shape=(3, 7), hidden=5, vocab=37, dtype=torch.float32, bias=True, frac=0.5, seed=0, ignore=-100):
@@ -41,15 +45,48 @@ def assert_close_grads(ref, fused, tol):
         assert err <= tol * max(g_ref.float().abs().max().item(), 1e-6), err
 
 
+def force_chunk_rows(monkeypatch, rows):
+    """Chunks of `rows` rows (production chunks are whole 128-row tiles, larger than these cases)."""
+    monkeypatch.setattr(lm, "_chunk_rows", lambda n, vocab_pad, itemsize: min(n, rows))
+
+
+def spy_buffers(monkeypatch):
+    """The logits buffers the fused loss allocates, in order, filled with NaN: the pad must never be read."""
+    made, make = [], lm._logits_buffer
+
+    def logits_buffer(*args):
+        made.append(make(*args).fill_(float("nan")))
+        return made[-1]
+
+    monkeypatch.setattr(lm, "_logits_buffer", logits_buffer)
+    return made
+
+
 CASES = {
-    # id: (make_case kwargs, lm_loss kwargs)
+    # id: (make_case kwargs, lm_loss kwargs); chunk_rows forces several chunks (d W then sums in fp32)
     "odd-fp32": ({}, {}),
     "label-smoothing": ({"vocab": 41}, {"label_smoothing": 0.1}),
     "every-row-labelled-no-bias": ({"bias": False, "frac": 1.0, "shape": (2, 5, 3)}, {}),
-    "chunked-fp32": ({"frac": 0.8}, {"chunk_rows": 4}),  # chunk_rows: set through the chunk byte budget
+    "chunked-fp32": ({"frac": 0.8}, {"chunk_rows": 4}),
     "fp16-smoothing": ({"dtype": torch.float16, "vocab": 53}, {"label_smoothing": 0.2}),
     "fp16-chunked": ({"dtype": torch.float16, "frac": 0.9, "shape": (4, 6)}, {"chunk_rows": 5}),
     "ignore-index-0": ({"ignore": 0}, {"ignore_index": 0}),
+    # ignore_index=None: rows already compacted, every one labelled
+    "compacted": ({"frac": 1.0, "shape": (11,)}, {"ignore_index": None}),
+    "compacted-chunked-smoothing": (
+        {"frac": 1.0, "shape": (13,)},
+        {"ignore_index": None, "chunk_rows": 4, "label_smoothing": 0.1},
+    ),
+    "split-vocab-chunked-smoothing": ({"vocab": 133, "frac": 0.8}, {"chunk_rows": 5, "label_smoothing": 0.1}),
+    "aligned-vocab-fp16": ({"vocab": 128, "dtype": torch.float16}, {}),
+    "compacted-split-vocab-fp16-chunked": (
+        {"frac": 1.0, "shape": (9,), "dtype": torch.float16, "vocab": 133},
+        {"ignore_index": None, "chunk_rows": 4},
+    ),
+    "compacted-fp16-chunked-no-bias": (
+        {"frac": 1.0, "shape": (2, 7), "dtype": torch.float16, "vocab": 53, "bias": False},
+        {"ignore_index": None, "chunk_rows": 3},
+    ),
 }
 
 
@@ -57,23 +94,128 @@ CASES = {
 def test_matches_reference(case_id, monkeypatch):
     case_kwargs, kwargs = CASES[case_id]
     case = make_case(**case_kwargs)
-    dtype = case[0].dtype
     kwargs = dict(kwargs)
-    if "chunk_rows" in kwargs:  # several chunks: d W accumulates in fp32 across them
-        vocab = case[1].shape[0]
-        monkeypatch.setattr(lm, "_CHUNK_BYTES", kwargs.pop("chunk_rows") * vocab * case[0].element_size())
+    if "chunk_rows" in kwargs:
+        force_chunk_rows(monkeypatch, kwargs.pop("chunk_rows"))
     ref_loss, ref_grads = run(reference.lm_loss, case, **kwargs)
     loss, grads = run(lm.lm_loss, case, **kwargs)
-    loss_rtol, grad_tol = TOL[dtype]
+    loss_rtol, grad_tol = TOL[case[0].dtype]
     assert loss.dim() == 0 and loss.dtype == torch.float32
     torch.testing.assert_close(loss, ref_loss, rtol=loss_rtol, atol=1e-6)
     assert_close_grads(ref_grads, grads, grad_tol)
 
 
-def test_no_labelled_row_gives_zero_loss_and_zero_gradients():
-    case = make_case(frac=0.0)
-    loss, grads = run(lm.lm_loss, case)
-    ref_loss, ref_grads = run(reference.lm_loss, case)
+@pytest.mark.parametrize("vocab", [37, 133])
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_one_padded_buffer_reused_across_chunks(vocab, smoothing, monkeypatch):
+    """Chunks of 4 of 10 rows share one [4, V_pad] buffer whose pad columns hold NaN: never read."""
+    case = make_case(shape=(10,), vocab=vocab, frac=1.0, seed=5)
+    force_chunk_rows(monkeypatch, 4)
+    buffers = spy_buffers(monkeypatch)
+    loss, grads = run(lm.lm_loss, case, ignore_index=None, label_smoothing=smoothing)
+    ref_loss, ref_grads = run(reference.lm_loss, case, ignore_index=None, label_smoothing=smoothing)
+    assert len(buffers) == 1 and buffers[0].shape == (4, lm._pad_vocab(vocab))
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert_close_grads(ref_grads, grads, 1e-5)
+
+
+def test_vocab_parts():
+    """64-aligned columns first (cuBLAS's Hopper kernels), then the rest; pad to the next multiple of 64."""
+    assert lm._vocab_parts(30522) == [slice(0, 30464), slice(30464, 30522)] and lm._pad_vocab(30522) == 30528
+    assert lm._vocab_parts(128) == [slice(0, 128)] and lm._pad_vocab(128) == 128
+    assert lm._vocab_parts(37) == [slice(0, 37)] and lm._pad_vocab(37) == 64
+
+
+@pytest.mark.parametrize("vocab", [53, 128, 133])
+def test_logits_written_into_the_padded_buffer(vocab):
+    """The GEMMs write the [:, :V] view in place (out= a strided view: no copy) and leave the pad alone."""
+    h, w, _, _ = make_case(shape=(6,), vocab=vocab)
+    buf = lm._logits_buffer(6, vocab, h).fill_(float("nan"))
+    view = buf[:, :vocab]
+    ptr = view.data_ptr()
+    lm._project_into(view, h, w, lm._vocab_parts(vocab))
+    assert buf.shape == (6, lm._pad_vocab(vocab)) and view.data_ptr() == ptr
+    torch.testing.assert_close(buf[:, :vocab], h @ w.t(), rtol=1e-6, atol=1e-6)
+    assert buf[:, vocab:].isnan().all()
+
+
+def test_compacted_rows_never_wait_for_the_device():
+    """ignore_index=None: no nonzero, boolean indexing or scalar read-back (each makes the host wait on CUDA)."""
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    syncing = {"nonzero", "_local_scalar_dense", "masked_select", "is_nonzero", "item"}
+    case = make_case(frac=1.0)
+    for fn in (lm.lm_loss, reference.lm_loss):
+        with Ops() as ops:
+            run(fn, case, ignore_index=None, label_smoothing=0.1)
+        assert not ops.seen & syncing, (fn, ops.seen & syncing)
+    with Ops() as ops:  # the ignore_index path compacts with nonzero: the control for the check above
+        run(lm.lm_loss, make_case())
+    assert "nonzero" in ops.seen
+
+
+@pytest.mark.parametrize("fn", [lm.lm_loss, reference.lm_loss], ids=["fused", "reference"])
+def test_label_range_checked_on_the_device(fn):
+    """torch._assert_async raises synchronously on CPU (on CUDA it is a device-side assert)."""
+    h, w, b, labels = make_case(frac=1.0)
+    for bad_value, ignore_index in [(-100, None), (w.shape[0], None), (-1, -100), (w.shape[0], -100)]:
+        bad = labels.clone()
+        bad[1, 2] = bad_value
+        with pytest.raises(RuntimeError, match="labels must lie in"):
+            fn(h, w, b, bad, ignore_index=ignore_index)
+    fn(h, w, b, labels, ignore_index=None)  # every label in range: no error
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_with_fp32_parameters(dtype, monkeypatch):
+    """Under autocast the GEMMs and the logits buffer run in the autocast dtype; the fp32 parameters get fp32
+    gradients matching the reference under the same autocast."""
+    case = make_case(shape=(3, 5), vocab=53, frac=0.7)
+    force_chunk_rows(monkeypatch, 4)
+    buffers = spy_buffers(monkeypatch)
+    with torch.autocast("cpu", dtype=dtype):
+        loss, grads = run(lm.lm_loss, case, label_smoothing=0.1)
+        ref_loss, ref_grads = run(reference.lm_loss, case, label_smoothing=0.1)
+    assert buffers[0].dtype == dtype and loss.dtype == torch.float32
+    loss_rtol, grad_tol = TOL[dtype]
+    torch.testing.assert_close(loss, ref_loss, rtol=loss_rtol, atol=1e-6)
+    assert_close_grads(ref_grads, grads, grad_tol)  # also checks the gradients are fp32, as the parameters
+
+
+def test_chunks_at_training_size():
+    """~7.7k labelled rows, V = 30522, bf16: a handful of whole-tile chunks, each within the byte budget."""
+    vocab_pad = lm._pad_vocab(30522)
+    assert vocab_pad % 64 == 0 and 30522 < vocab_pad < 30522 + 64
+    rows = lm._chunk_rows(7700, vocab_pad, 2)
+    assert rows % 128 == 0 and rows * vocab_pad * 2 <= lm._CHUNK_BYTES
+    assert -(-7700 // rows) <= 8
+    assert lm._chunk_rows(100, vocab_pad, 2) == 100  # fewer rows than a chunk: one chunk of exactly those
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_addmm_fp32_accumulates(dtype):
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randn(6, 4, generator=g).to(dtype), torch.randn(4, 3, generator=g).to(dtype)
+    acc = torch.randn(6, 3, generator=g)
+    expected = acc + a.float() @ b.float()
+    lm._addmm_fp32(acc, a, b)
+    assert acc.dtype == torch.float32
+    torch.testing.assert_close(acc, expected, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("ignore_index", [-100, None])
+def test_no_labelled_row_gives_zero_loss_and_zero_gradients(ignore_index):
+    case = make_case(frac=0.0) if ignore_index is not None else make_case(shape=(0,))
+    loss, grads = run(lm.lm_loss, case, ignore_index=ignore_index)
+    ref_loss, ref_grads = run(reference.lm_loss, case, ignore_index=ignore_index)
     assert loss.item() == 0.0 and ref_loss.item() == 0.0
     for g, g_ref in zip(grads, ref_grads):
         assert g is not None and g.shape == g_ref.shape and not g.any()
@@ -98,12 +240,10 @@ def test_frozen_weight():
 
 def test_invalid_inputs():
     h, w, b, labels = make_case()
-    bad = labels.clone()
-    bad[0, 0] = w.shape[0]
-    with pytest.raises(ValueError, match="labels must lie in"):
-        lm.lm_loss(h, w, b, bad)
     with pytest.raises(ValueError, match="do not match"):
         lm.lm_loss(h, w, b, labels[:, :-1])
+    with pytest.raises(ValueError, match="label_smoothing"):
+        lm.lm_loss(h, w, b, labels, label_smoothing=1.5)
     loss = lm.lm_loss(h.requires_grad_(), w, b, labels)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="only once"):
