@@ -1,20 +1,26 @@
 """Fused image-text contrastive loss: ITC (both directions), GRIT consistency, DiHT HN-NCE and ITM negatives.
 
 Same contract as ``reference.itc_loss`` (see the docstring of kernels/reference.py). Nothing of size B x N is
-ever stored: the similarity tiles are recomputed on the fly from the features.
+ever stored: the similarity tiles are recomputed on the fly from the features. Each program handles both
+directions of its tile (image i . text j and text i . image j), since the consistency term couples them.
 
-Launches (all tiled over [BLOCK_M local rows] x [BLOCK_N gathered columns], fp32 accumulators):
-  1. ``_itc_stats_kernel``: one pass over N per row block. Online log-sum-exp of S_i2t and S_t2i over all
-     columns, over the negatives ((1 + beta) s and beta s for HN-NCE), the consistency cross term
-     sum_j p_t2i[i, j] * s_i2t[i, j] (and symmetric) accumulated online against the other direction's running
-     maximum, and the ITM negative of each row (argmax of s, or of s + Gumbel noise drawn in-kernel by Philox
-     from a seed drawn on the host from the generator) among the local, non-positive columns.
-  2. ``_itc_pos_kernel``: per-row positive terms log(e^s_ip / (alpha e^s_ip + e^NT_i)); it needs NT_i from
-     pass 1. Column tiles without a positive skip the dot products, so with in-batch positives this pass costs
-     the group-id comparisons plus about one tile of matmul per row block.
-  3. ``_itc_dq_kernel`` (backward): recomputes the tiles of one direction per program (axis 1 of the grid)
-     and accumulates dQ = dS @ K; also the per-row share of d loss / d temp.
+Launches (tiled over [BLOCK_M local rows] x [BLOCK_N gathered columns], fp32 accumulators):
+  1. ``_itc_fwd_kernel``, grid (row blocks, column splits): online log-sum-exp of S_i2t and S_t2i over the
+     split's columns, over its negatives ((1 + beta) s and beta s for HN-NCE), the consistency cross term
+     sum_j p_t2i[i, j] * s_i2t[i, j] (and symmetric) relative to the running maxima, and the split's ITM
+     negative (argmax of s, or of s + Gumbel noise drawn in-kernel by Philox) among the local non-positive
+     columns. The columns are split across programs (as flash-decoding does) so that a large B x N keeps
+     every SM busy.
+  2. ``_itc_merge_kernel``, one program per row block: merges the splits' partial states, then adds the
+     positive terms log(e^s_ip / (alpha e^s_ip + e^NT_i)), which need the final NT_i. Column tiles holding no
+     positive skip the dot products, so with in-batch positives this costs about one tile per row block.
+  3. ``_itc_dq_kernel`` (backward), grid (row blocks, column splits, feature chunks): recomputes each tile once
+     for both directions, forms dS and accumulates dQ = dS @ K and the rows' share of d loss / d temp; the
+     splits' partial dQ are summed afterwards.
   4. ``_itc_dk_kernel`` (backward, only without stop_grad_keys): dK = dS^T @ Q, one column block per program.
+
+The feature width D is held whole in a tile when it fits (D <= 256 in 16-bit, 128 in fp32); wider features are
+summed over chunks, and the backward then splits the output dQ / dK over chunks of D (grid axis 2).
 
 Gradient of the loss w.r.t. one similarity s_ij of direction d (o = the other direction), per local row i:
   positives     -(1/|P_i|) (1 - e^{s_ij + log alpha - D_ij}),  D_ij = logaddexp(s_ij + log alpha, NT_i)
@@ -22,10 +28,14 @@ Gradient of the loss w.r.t. one similarity s_ij of direction d (o = the other di
                 G_i = (1/|P_i|) sum_p (1 - e^{s_ip + log alpha - D_ip})
   consistency   p_d[i, j] - p_o[i, j]   (the target distribution is under stop-gradient)
 each scaled by the upstream gradient / B.
+
+Autotuning is keyed on B and N rounded up to powers of two (and on D, the flags and the dtype), so a short
+last batch reuses the tuned configuration and its summation order.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -42,25 +52,106 @@ _NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima: 
 # of (1 + beta) s and of beta s, the negative term NT, the consistency and contrastive losses, and G (see above)
 _N_STATS = 7
 _LSE, _LSE1, _LSE2, _NT, _CONS, _LOSS, _GNEG = (tl.constexpr(i) for i in range(_N_STATS))
+# rows of a column split's partial state [splits, _N_PART, 2 directions, B]: (max, sum) over all columns, the
+# consistency cross term, (max, sum) over the negatives of (1 + beta) s and of beta s, the best ITM key
+_N_PART = 8
+_P_M, _P_L, _P_A, _P_NM, _P_NS, _P_BM, _P_BS, _P_BEST = (tl.constexpr(i) for i in range(_N_PART))
+_PART_FIELDS = tl.constexpr(_N_PART)
+# Feature rows up to this many bytes are held whole in registers across the column loop; wider ones are summed
+# over chunks of _CHUNK_BYTES per row, streamed from L2 (holding a [64, 256] bf16 query tile of both directions
+# costs 128+ registers per thread and spills on sm_90)
+_WHOLE_ROW_BYTES = 64 if _INTERPRET else 512
+_CHUNK_BYTES = 64 if _INTERPRET else 128
+_SMEM_BUDGET = 224 * 1024  # of the H100's 227 KiB per block: what the pipelined tiles may take
+_MIN_SPLIT_COLUMNS = 16 if _INTERPRET else 256
 
 
 def _configs(shapes):
+    """triton.Configs from (BLOCK_M, BLOCK_N, num_warps, num_stages[, BLOCK_DO]) tuples."""
     if _INTERPRET:  # the interpreter runs on CPU: small tiles, so that tests cross tile edges
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16})]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_DO": 16})]
+    configs = []
+    for m, n, w, s, *do in shapes:
+        configs.append(triton.Config({"BLOCK_M": m, "BLOCK_N": n, **({"BLOCK_DO": do[0]} if do else {})}, w, s))
+    return configs
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) for D <= 256: candidates that compile without (or with few) register
-# spills on sm_90; the autotuner picks among them per (B, N, D)
-_FWD_CONFIGS = _configs([(64, 64, 8, 3), (64, 32, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3)])
-_BWD_CONFIGS = _configs([(64, 32, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3), (32, 64, 4, 3), (128, 32, 8, 2)])
+# Candidates; each compiles for sm_90 within the shared-memory limit (scripts/check_kernels_sm90.py, which also
+# reports their registers and spills); _prune keeps those whose pipelined tiles fit for the launch's dtype and D.
+_FWD_CONFIGS = _configs([(64, 32, 8, 3)])
+_MERGE_CONFIGS = _configs([(64, 32, 8, 2)])
+# (..., BLOCK_DO): the chunk of D accumulated per program (two fp32 [BLOCK_M, BLOCK_DO] accumulators)
+_DQ_CONFIGS = _configs([(64, 32, 8, 3, 128), (32, 64, 8, 2, 256), (32, 32, 4, 3, 128)])
+_DK_CONFIGS = _configs([(32, 64, 8, 3, 128), (32, 32, 4, 3, 128)])
+
+
+def _tile_bytes(config, elt: int, block_d: int, block_k: int, kernel: str) -> int:
+    """Shared memory the software pipeline needs for one config. Forward: the key tiles of both directions per
+    stage (and the query tiles when D is chunked), plus the query tiles held for the launch when D fits whole.
+    Backward: the query and key chunks of S, and the slices multiplied by dS, per stage."""
+    bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    if kernel == "fwd":
+        per_stage = 2 * bn * block_k * elt + (2 * bm * block_k * elt if block_k < block_d else 0)
+        return config.num_stages * per_stage + (2 * bm * block_d * elt if block_k == block_d else 0)
+    slices = bn if kernel == "dq" else bm  # dQ multiplies dS by key rows, dK by query rows
+    per_stage = 2 * (bm + bn) * block_k * elt + 2 * slices * config.kwargs["BLOCK_DO"] * elt
+    return config.num_stages * per_stage
+
+
+def _fitting(configs, elt: int, block_d: int, block_k: int, kernel: str):
+    """The configs for one launch: BLOCK_DO clamped to D, duplicates dropped, those whose tiles fit
+    _SMEM_BUDGET kept (at least the smallest one)."""
+    clamped = {}
+    for c in configs:
+        kwargs = dict(c.kwargs)
+        if "BLOCK_DO" in kwargs:
+            kwargs["BLOCK_DO"] = min(kwargs["BLOCK_DO"], block_d)
+        key = (tuple(sorted(kwargs.items())), c.num_warps, c.num_stages)
+        clamped.setdefault(key, triton.Config(kwargs, num_warps=c.num_warps, num_stages=c.num_stages))
+    configs = list(clamped.values())
+    size = functools.partial(_tile_bytes, elt=elt, block_d=block_d, block_k=block_k, kernel=kernel)
+    return [c for c in configs if size(c) <= _SMEM_BUDGET] or [min(configs, key=size)]
+
+
+def _prune(kernel: str):
+    def prune(configs, nargs, **kwargs):
+        return _fitting(configs, nargs["q_ptr"].element_size(), kwargs["BLOCK_D"], kwargs["BLOCK_K"], kernel)
+
+    return {"early_config_prune": prune}
 
 
 @triton.jit
 def _tile(ptr, part, idx, n, D, dims):
-    """Rows idx of part `part` of a stacked [2, n, D] tensor, as a [len(idx), BLOCK_D] tile, zero outside."""
+    """Rows idx of part `part` of a stacked [2, n, D] tensor, as a [len(idx), len(dims)] tile, zero outside."""
     mask = (idx < n)[:, None] & (dims < D)[None, :]
     return tl.load(ptr + (part * n + idx[:, None]) * D + dims[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _sim(q_ptr, k_ptr, part, rows, cols, B, N, D, q_whole, HELD: tl.constexpr,
+         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+         PRECISION: tl.constexpr):  # fmt: skip
+    """Raw similarity tile [rows, cols] of direction `part` (fp32). HELD: q_whole is the caller's preloaded
+    [rows, BLOCK_D] query tile; otherwise D is summed over chunks of BLOCK_K, both sides loaded chunk by chunk."""
+    if HELD:
+        k = _tile(k_ptr, part, cols, N, D, tl.arange(0, BLOCK_D))
+        return tl.dot(q_whole, tl.trans(k), input_precision=PRECISION)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for kk in range(0, BLOCK_D, BLOCK_K):
+        dims = kk + tl.arange(0, BLOCK_K)
+        q = _tile(q_ptr, part, rows, B, D, dims)
+        acc = tl.dot(q, tl.trans(_tile(k_ptr, part, cols, N, D, dims)), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _whole(ptr, part, idx, n, D, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The preloaded [len(idx), BLOCK_D] tile when D is held whole, else a placeholder _sim ignores."""
+    if BLOCK_K == BLOCK_D:  # a compile-time branch: one return type per specialisation
+        tile = _tile(ptr, part, idx, n, D, tl.arange(0, BLOCK_D))
+    else:
+        tile = 0.0
+    return tile
 
 
 @triton.jit
@@ -69,6 +160,12 @@ def _lse_step(m, total, x):
     m_new = tl.maximum(m, tl.max(x, 1))
     total = total * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
     return m_new, total
+
+
+@triton.jit
+def _lse_merge(m, total, m_s, total_s):
+    m_new = tl.maximum(m, m_s)
+    return m_new, total * tl.exp(m - m_new) + total_s * tl.exp(m_s - m_new)
 
 
 @triton.jit
@@ -92,19 +189,26 @@ def _gumbel(seed, rows, lcols, B):
     return -tl.log(-tl.log(tl.maximum(u, 1e-20)))
 
 
+@triton.jit
+def _split_range(N, BLOCK_N: tl.constexpr):
+    """Columns [start, stop) of this program's split (axis 1 of the grid), in whole tiles."""
+    tiles = tl.cdiv(tl.cdiv(N, BLOCK_N), tl.num_programs(1))
+    start = tl.program_id(1) * tiles * BLOCK_N
+    return start, tl.minimum(start + tiles * BLOCK_N, N)
+
+
 @triton.jit(do_not_specialize=["seed0", "seed1"])
-def _itc_stats_kernel(
-    q_ptr, k_ptr, gid_ptr, gid_all_ptr, temp_ptr, stats_ptr, npos_ptr, neg_ptr,
-    B, N, D, offset, beta, seed0, seed1,
+def _itc_fwd_kernel(
+    q_ptr, k_ptr, gid_ptr, gid_all_ptr, temp_ptr, part_ptr, count_ptr, arg_ptr,
+    B, N, D, offset, beta, seed0, seed1, B_KEY, N_KEY,
     HAS_BETA: tl.constexpr, NEG_MODE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # q: [2, B, D] = (image_feat, text_feat); k: [2, N, D] = (text_all, image_all); direction 0 is i2t.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < B
-    dims = tl.arange(0, BLOCK_D)
-    q0 = _tile(q_ptr, 0, rows, B, D, dims)
-    q1 = _tile(q_ptr, 1, rows, B, D, dims)
+    q0 = _whole(q_ptr, 0, rows, B, D, BLOCK_D, BLOCK_K)
+    q1 = _whole(q_ptr, 1, rows, B, D, BLOCK_D, BLOCK_K)
     gid = tl.load(gid_ptr + rows, mask=rmask, other=0)
     inv_t = 1.0 / tl.load(temp_ptr).to(tl.float32)
 
@@ -120,11 +224,50 @@ def _itc_stats_kernel(
     arg0 = tl.full([BLOCK_M], -1, tl.int32)
     arg1 = arg0
 
-    for start in range(0, N, BLOCK_N):
+    col_start, col_stop = _split_range(N, BLOCK_N)
+    for start in range(col_start, col_stop, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        cmask = cols < N
-        s0 = tl.dot(q0, tl.trans(_tile(k_ptr, 0, cols, N, D, dims)), input_precision=PRECISION) * inv_t
-        s1 = tl.dot(q1, tl.trans(_tile(k_ptr, 1, cols, N, D, dims)), input_precision=PRECISION) * inv_t
+        cmask = cols < col_stop
+        s0 = (
+            _sim(
+                q_ptr,
+                k_ptr,
+                0,
+                rows,
+                cols,
+                B,
+                N,
+                D,
+                q0,
+                BLOCK_K == BLOCK_D,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_D,
+                BLOCK_K,
+                PRECISION,
+            )
+            * inv_t
+        )
+        s1 = (
+            _sim(
+                q_ptr,
+                k_ptr,
+                1,
+                rows,
+                cols,
+                B,
+                N,
+                D,
+                q1,
+                BLOCK_K == BLOCK_D,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_D,
+                BLOCK_K,
+                PRECISION,
+            )
+            * inv_t
+        )
         gid_all = tl.load(gid_all_ptr + cols, mask=cmask, other=0)
         valid = rmask[:, None] & cmask[None, :]
         pos = (gid[:, None] == gid_all[None, :]) & valid
@@ -170,8 +313,85 @@ def _itc_stats_kernel(
                 best0, arg0 = _pick(best0, arg0, tl.where(cand, key0, float("-inf")), start, offset)
                 best1, arg1 = _pick(best1, arg1, tl.where(cand, key1, float("-inf")), start, offset)
 
-    lse0 = m0 + tl.log(l0)
-    lse1 = m1 + tl.log(l1)
+    base = part_ptr + tl.program_id(1) * (_PART_FIELDS * 2 * B) + rows
+    _store_pair(base, _P_M, B, m0, m1, rmask)
+    _store_pair(base, _P_L, B, l0, l1, rmask)
+    _store_pair(base, _P_A, B, a0, a1, rmask)
+    _store_pair(base, _P_NM, B, nm0, nm1, rmask)
+    _store_pair(base, _P_NS, B, ns0, ns1, rmask)
+    _store_pair(base, _P_BM, B, bm0, bm1, rmask)
+    _store_pair(base, _P_BS, B, bs0, bs1, rmask)
+    _store_pair(base, _P_BEST, B, best0, best1, rmask)
+    _store_pair(count_ptr + tl.program_id(1) * 2 * B + rows, 0, B, n_pos, n_neg, rmask)
+    _store_pair(arg_ptr + tl.program_id(1) * 2 * B + rows, 0, B, arg0, arg1, rmask)
+
+
+@triton.jit
+def _store_pair(ptr, field, B, v0, v1, mask):
+    """Stores the two directions' values of one field of a [fields, 2, B] layout (ptr already offset by rows)."""
+    tl.store(ptr + (2 * field) * B, v0, mask=mask)
+    tl.store(ptr + (2 * field + 1) * B, v1, mask=mask)
+
+
+@triton.jit
+def _load_pair(ptr, field, B, mask):
+    v0 = tl.load(ptr + (2 * field) * B, mask=mask, other=0.0)
+    return v0, tl.load(ptr + (2 * field + 1) * B, mask=mask, other=0.0)
+
+
+@triton.jit
+def _itc_merge_kernel(
+    q_ptr, k_ptr, gid_ptr, gid_all_ptr, temp_ptr, part_ptr, count_ptr, arg_ptr, stats_ptr, npos_ptr, neg_ptr,
+    B, N, D, SPLITS, log_alpha, B_KEY, N_KEY,
+    HAS_BETA: tl.constexpr, NEG_MODE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < B
+    big = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
+    zero = tl.zeros([BLOCK_M], tl.float32)
+    m0, l0, m1, l1, a0, a1 = big, zero, big, zero, zero, zero
+    nm0, ns0, nm1, ns1, bm0, bs0, bm1, bs1 = big, zero, big, zero, big, zero, big, zero
+    n_pos, n_neg = zero, zero
+    best0 = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    best1 = best0
+    arg0 = tl.full([BLOCK_M], -1, tl.int32)
+    arg1 = arg0
+    for split in range(0, SPLITS):  # in column order: on ties the earlier split keeps its negative
+        base = part_ptr + split * (_PART_FIELDS * 2 * B) + rows
+        m0_s, m1_s = _load_pair(base, _P_M, B, rmask)
+        l0_s, l1_s = _load_pair(base, _P_L, B, rmask)
+        a0_s, a1_s = _load_pair(base, _P_A, B, rmask)
+        m0_new = tl.maximum(m0, m0_s)
+        m1_new = tl.maximum(m1, m1_s)
+        r0, r0_s = tl.exp(m0 - m0_new), tl.exp(m0_s - m0_new)
+        r1, r1_s = tl.exp(m1 - m1_new), tl.exp(m1_s - m1_new)
+        # re-reference the cross terms to the merged maxima (see the forward kernel's update of a0, a1)
+        a0 = r1 * (a0 + (m0 - m0_new) * l1) + r1_s * (a0_s + (m0_s - m0_new) * l1_s)
+        a1 = r0 * (a1 + (m1 - m1_new) * l0) + r0_s * (a1_s + (m1_s - m1_new) * l0_s)
+        l0 = r0 * l0 + r0_s * l0_s
+        l1 = r1 * l1 + r1_s * l1_s
+        m0, m1 = m0_new, m1_new
+        nm0_s, nm1_s = _load_pair(base, _P_NM, B, rmask)
+        ns0_s, ns1_s = _load_pair(base, _P_NS, B, rmask)
+        nm0, ns0 = _lse_merge(nm0, ns0, nm0_s, ns0_s)
+        nm1, ns1 = _lse_merge(nm1, ns1, nm1_s, ns1_s)
+        if HAS_BETA:
+            bm0_s, bm1_s = _load_pair(base, _P_BM, B, rmask)
+            bs0_s, bs1_s = _load_pair(base, _P_BS, B, rmask)
+            bm0, bs0 = _lse_merge(bm0, bs0, bm0_s, bs0_s)
+            bm1, bs1 = _lse_merge(bm1, bs1, bm1_s, bs1_s)
+        pos_s, neg_s = _load_pair(count_ptr + split * 2 * B + rows, 0, B, rmask)
+        n_pos += pos_s
+        n_neg += neg_s
+        if NEG_MODE != 0:
+            best0_s, best1_s = _load_pair(base, _P_BEST, B, rmask)
+            arg0_s, arg1_s = _load_pair(arg_ptr + split * 2 * B + rows, 0, B, rmask)
+            arg0 = tl.where(best0_s > best0, arg0_s, arg0)
+            arg1 = tl.where(best1_s > best1, arg1_s, arg1)
+            best0 = tl.maximum(best0, best0_s)
+            best1 = tl.maximum(best1, best1_s)
+
     neg1_0 = nm0 + tl.log(ns0)
     neg1_1 = nm1 + tl.log(ns1)
     if HAS_BETA:
@@ -186,21 +406,39 @@ def _itc_stats_kernel(
         nt1 = neg1_1
     nt0 = tl.where(n_neg > 0, nt0, float("-inf"))
     nt1 = tl.where(n_neg > 0, nt1, float("-inf"))
-    # c_i2t[i] = lse_i2t[i] - E_{p_t2i}[s_i2t] = log l0 - a0 / l1
-    cons0 = tl.log(l0) - a0 / l1
-    cons1 = tl.log(l1) - a1 / l0
 
-    two_b = 2 * B
-    tl.store(stats_ptr + _LSE * two_b + rows, lse0, mask=rmask)
-    tl.store(stats_ptr + _LSE * two_b + B + rows, lse1, mask=rmask)
-    tl.store(stats_ptr + _LSE1 * two_b + rows, neg1_0, mask=rmask)
-    tl.store(stats_ptr + _LSE1 * two_b + B + rows, neg1_1, mask=rmask)
-    tl.store(stats_ptr + _LSE2 * two_b + rows, neg2_0, mask=rmask)
-    tl.store(stats_ptr + _LSE2 * two_b + B + rows, neg2_1, mask=rmask)
-    tl.store(stats_ptr + _NT * two_b + rows, nt0, mask=rmask)
-    tl.store(stats_ptr + _NT * two_b + B + rows, nt1, mask=rmask)
-    tl.store(stats_ptr + _CONS * two_b + rows, cons0, mask=rmask)
-    tl.store(stats_ptr + _CONS * two_b + B + rows, cons1, mask=rmask)
+    # positive terms, now that NT is known; tiles without a positive skip the dot products (the query rows are
+    # streamed there, not held, since they are needed on about one tile per row block)
+    gid = tl.load(gid_ptr + rows, mask=rmask, other=0)
+    inv_t = 1.0 / tl.load(temp_ptr).to(tl.float32)
+    loss0, loss1, g0, g1 = zero, zero, zero, zero
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        gid_all = tl.load(gid_all_ptr + cols, mask=cmask, other=0)
+        pos = (gid[:, None] == gid_all[None, :]) & cmask[None, :] & rmask[:, None]
+        if tl.max(pos.to(tl.int32)) > 0:
+            s0 = _sim(q_ptr, k_ptr, 0, rows, cols, B, N, D, 0.0, False, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K, PRECISION)
+            s1 = _sim(q_ptr, k_ptr, 1, rows, cols, B, N, D, 0.0, False, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K, PRECISION)
+            s0 *= inv_t
+            s1 *= inv_t
+            d0 = _logaddexp(s0 + log_alpha, nt0[:, None])
+            d1 = _logaddexp(s1 + log_alpha, nt1[:, None])
+            loss0 += tl.sum(tl.where(pos, s0 - d0, 0.0), 1)
+            loss1 += tl.sum(tl.where(pos, s1 - d1, 0.0), 1)
+            g0 += tl.sum(tl.where(pos, 1.0 - tl.exp(s0 + log_alpha - d0), 0.0), 1)
+            g1 += tl.sum(tl.where(pos, 1.0 - tl.exp(s1 + log_alpha - d1), 0.0), 1)
+    inv_p = 1.0 / tl.maximum(n_pos, 1.0)
+
+    out = stats_ptr + rows
+    _store_pair(out, _LSE, B, m0 + tl.log(l0), m1 + tl.log(l1), rmask)
+    _store_pair(out, _LSE1, B, neg1_0, neg1_1, rmask)
+    _store_pair(out, _LSE2, B, neg2_0, neg2_1, rmask)
+    _store_pair(out, _NT, B, nt0, nt1, rmask)
+    # c_i2t[i] = lse_i2t[i] - E_{p_t2i}[s_i2t] = log l0 - a0 / l1
+    _store_pair(out, _CONS, B, tl.log(l0) - a0 / l1, tl.log(l1) - a1 / l0, rmask)
+    _store_pair(out, _LOSS, B, -loss0 * inv_p, -loss1 * inv_p, rmask)
+    _store_pair(out, _GNEG, B, g0 * inv_p, g1 * inv_p, rmask)
     tl.store(npos_ptr + rows, n_pos, mask=rmask)
     if NEG_MODE != 0:
         tl.store(neg_ptr + rows, tl.where(best0 > float("-inf"), arg0, -1).to(tl.int64), mask=rmask)
@@ -208,159 +446,167 @@ def _itc_stats_kernel(
 
 
 @triton.jit
-def _itc_pos_kernel(
-    q_ptr, k_ptr, gid_ptr, gid_all_ptr, temp_ptr, stats_ptr, npos_ptr,
-    B, N, D, log_alpha,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    d = tl.program_id(1)  # direction
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < B
-    dims = tl.arange(0, BLOCK_D)
-    gid = tl.load(gid_ptr + rows, mask=rmask, other=0)
-    inv_t = 1.0 / tl.load(temp_ptr).to(tl.float32)
-    sd = stats_ptr + d * B + rows
-    two_b = 2 * B
-    nt = tl.load(sd + _NT * two_b, mask=rmask, other=0.0)
-    loss = tl.zeros([BLOCK_M], tl.float32)
-    g_neg = tl.zeros([BLOCK_M], tl.float32)
-    for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        cmask = cols < N
-        gid_all = tl.load(gid_all_ptr + cols, mask=cmask, other=0)
-        pos = (gid[:, None] == gid_all[None, :]) & cmask[None, :] & rmask[:, None]
-        if tl.max(pos.to(tl.int32)) > 0:  # the dot product only where a positive lies
-            q = _tile(q_ptr, d, rows, B, D, dims)
-            s = tl.dot(q, tl.trans(_tile(k_ptr, d, cols, N, D, dims)), input_precision=PRECISION) * inv_t
-            dpos = _logaddexp(s + log_alpha, nt[:, None])
-            loss += tl.sum(tl.where(pos, s - dpos, 0.0), 1)
-            g_neg += tl.sum(tl.where(pos, 1.0 - tl.exp(s + log_alpha - dpos), 0.0), 1)
-    inv_p = 1.0 / tl.maximum(tl.load(npos_ptr + rows, mask=rmask, other=1.0), 1.0)
-    tl.store(sd + _LOSS * two_b, -loss * inv_p, mask=rmask)
-    tl.store(sd + _GNEG * two_b, g_neg * inv_p, mask=rmask)
-
-
-@triton.jit
-def _itc_ds(
-    gid_ptr, gid_all_ptr, stats_ptr, npos_ptr, coef_ptr,
-    rows, cols, q, k, q_o, k_o, d, inv_t, B, N, log_alpha, beta,
-    HAS_BETA: tl.constexpr, HAS_CONS: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    """dS of direction d on one [rows] x [cols] tile (normalised by the coefficient scale), and S itself.
-
-    q, k: the tiles of direction d; q_o, k_o: those of the other direction (read only with HAS_CONS).
-    """
-    rmask = rows < B
-    cmask = cols < N
-    valid = rmask[:, None] & cmask[None, :]
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * inv_t
-    gid = tl.load(gid_ptr + rows, mask=rmask, other=0)
-    gid_all = tl.load(gid_all_ptr + cols, mask=cmask, other=0)
-    pos = (gid[:, None] == gid_all[None, :]) & valid
-    neg = valid & ~pos
-    two_b = 2 * B
-    sd = stats_ptr + d * B + rows
-    lse1 = tl.load(sd + _LSE1 * two_b, mask=rmask, other=0.0)
-    g_neg = tl.load(sd + _GNEG * two_b, mask=rmask, other=0.0)
-    c_l = tl.load(coef_ptr + 3 * d)
-    c_c = tl.load(coef_ptr + 3 * d + 1)
+def _contrastive_grad(sd, d, s, pos, neg, rmask, npos_ptr, rows, B, log_alpha, beta, HAS_BETA: tl.constexpr):
+    """dS of the contrastive term of direction d on one tile (sd: the stats pointer offset by rows)."""
+    lse1 = tl.load(sd + (2 * _LSE1 + d) * B, mask=rmask, other=0.0)
+    g_neg = tl.load(sd + (2 * _GNEG + d) * B, mask=rmask, other=0.0)
     if HAS_BETA:
-        lse2 = tl.load(sd + _LSE2 * two_b, mask=rmask, other=0.0)
+        lse2 = tl.load(sd + (2 * _LSE2 + d) * B, mask=rmask, other=0.0)
         w = (1.0 + beta) * tl.exp((1.0 + beta) * s - lse1[:, None]) - beta * tl.exp(beta * s - lse2[:, None])
     else:
         w = tl.exp(s - lse1[:, None])
     ds = tl.where(neg, g_neg[:, None] * w, 0.0)
     if tl.max(pos.to(tl.int32)) > 0:  # log-add-exp only on tiles holding a positive
-        nt = tl.load(sd + _NT * two_b, mask=rmask, other=0.0)
+        nt = tl.load(sd + (2 * _NT + d) * B, mask=rmask, other=0.0)
         inv_p = 1.0 / tl.maximum(tl.load(npos_ptr + rows, mask=rmask, other=1.0), 1.0)
         dpos = _logaddexp(s + log_alpha, nt[:, None])
         ds = tl.where(pos, -inv_p[:, None] * (1.0 - tl.exp(s + log_alpha - dpos)), ds)
-    ds = c_l * ds
-    if HAS_CONS:
-        # the other direction's tile, for the consistency target p_o
-        s_o = tl.dot(q_o, tl.trans(k_o), input_precision=PRECISION) * inv_t
-        lse = tl.load(sd + _LSE * two_b, mask=rmask, other=0.0)
-        lse_o = tl.load(stats_ptr + (1 - d) * B + rows + _LSE * two_b, mask=rmask, other=0.0)
-        p_diff = tl.exp(s - lse[:, None]) - tl.exp(s_o - lse_o[:, None])
-        ds += c_c * tl.where(valid, p_diff, 0.0)
-    return ds, s
+    return ds
+
+
+@triton.jit
+def _tile_grads(
+    gid_ptr, gid_all_ptr, stats_ptr, npos_ptr, coef_ptr, rows, cols, s0, s1, B, N, log_alpha, beta,
+    HAS_BETA: tl.constexpr, HAS_CONS: tl.constexpr,
+):  # fmt: skip
+    """dS of both directions on one [rows] x [cols] tile, each normalised by its direction's coefficient scale."""
+    rmask = rows < B
+    valid = rmask[:, None] & (cols < N)[None, :]
+    gid = tl.load(gid_ptr + rows, mask=rmask, other=0)
+    gid_all = tl.load(gid_all_ptr + cols, mask=cols < N, other=0)
+    pos = (gid[:, None] == gid_all[None, :]) & valid
+    neg = valid & ~pos
+    sd = stats_ptr + rows
+    ds0 = _contrastive_grad(sd, 0, s0, pos, neg, rmask, npos_ptr, rows, B, log_alpha, beta, HAS_BETA)
+    ds1 = _contrastive_grad(sd, 1, s1, pos, neg, rmask, npos_ptr, rows, B, log_alpha, beta, HAS_BETA)
+    ds0 *= tl.load(coef_ptr)  # coef [2 directions, (contrastive, consistency, scale)]
+    ds1 *= tl.load(coef_ptr + 3)
+    if HAS_CONS:  # the consistency gradient of direction d is p_d - p_o: one difference serves both
+        lse0, lse1 = _load_pair(sd, _LSE, B, rmask)
+        p_diff = tl.where(valid, tl.exp(s0 - lse0[:, None]) - tl.exp(s1 - lse1[:, None]), 0.0)
+        ds0 += tl.load(coef_ptr + 1) * p_diff
+        ds1 -= tl.load(coef_ptr + 4) * p_diff
+    return ds0, ds1
 
 
 @triton.jit
 def _itc_dq_kernel(
     q_ptr, k_ptr, gid_ptr, gid_all_ptr, temp_ptr, stats_ptr, npos_ptr, coef_ptr, dq_ptr, dtemp_ptr,
-    B, N, D, log_alpha, beta,
+    B, N, D, log_alpha, beta, B_KEY, N_KEY,
     HAS_BETA: tl.constexpr, HAS_CONS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
 ):  # fmt: skip
-    d = tl.program_id(1)  # 0: image queries against text keys (i2t), 1: text queries against image keys
+    # grid: (row blocks, column splits, chunks of BLOCK_DO of D); dq: [splits, 2, B, D], dtemp: [splits, B].
+    # Both directions' accumulators stay in registers, so the query tiles are streamed (not held) for S.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < B
-    dims = tl.arange(0, BLOCK_D)
-    q = _tile(q_ptr, d, rows, B, D, dims)
-    q_o = q
-    if HAS_CONS:
-        q_o = _tile(q_ptr, 1 - d, rows, B, D, dims)
+    dims = tl.program_id(2) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     inv_t = 1.0 / tl.load(temp_ptr).to(tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    ds_s = tl.zeros([BLOCK_M], tl.float32)
-    for start in range(0, N, BLOCK_N):
+    acc0 = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
+    t0 = tl.zeros([BLOCK_M], tl.float32)  # sum_j dS_ij s_ij, for d loss / d temp
+    t1 = tl.zeros([BLOCK_M], tl.float32)
+    col_start, col_stop = _split_range(N, BLOCK_N)
+    for start in range(col_start, col_stop, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        k = _tile(k_ptr, d, cols, N, D, dims)
-        k_o = k
-        if HAS_CONS:
-            k_o = _tile(k_ptr, 1 - d, cols, N, D, dims)
-        ds, s = _itc_ds(
-            gid_ptr, gid_all_ptr, stats_ptr, npos_ptr, coef_ptr,
-            rows, cols, q, k, q_o, k_o, d, inv_t, B, N, log_alpha, beta,
-            HAS_BETA, HAS_CONS, PRECISION,
+        s0 = _sim(q_ptr, k_ptr, 0, rows, cols, B, N, D, 0.0, False, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K, PRECISION)
+        s1 = _sim(q_ptr, k_ptr, 1, rows, cols, B, N, D, 0.0, False, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K, PRECISION)
+        s0 *= inv_t
+        s1 *= inv_t
+        ds0, ds1 = _tile_grads(
+            gid_ptr, gid_all_ptr, stats_ptr, npos_ptr, coef_ptr, rows, cols, s0, s1, B, N, log_alpha, beta,
+            HAS_BETA, HAS_CONS,
         )  # fmt: skip
-        ds_s += tl.sum(ds * s, 1)
-        acc = tl.dot(ds.to(k.dtype), k, acc, input_precision=PRECISION)
-    scale = tl.load(coef_ptr + 3 * d + 2)
+        t0 += tl.sum(ds0 * s0, 1)
+        t1 += tl.sum(ds1 * s1, 1)
+        k0 = _tile(k_ptr, 0, cols, N, D, dims)
+        k1 = _tile(k_ptr, 1, cols, N, D, dims)
+        acc0 = tl.dot(ds0.to(k0.dtype), k0, acc0, input_precision=PRECISION)
+        acc1 = tl.dot(ds1.to(k1.dtype), k1, acc1, input_precision=PRECISION)
+    scale0 = tl.load(coef_ptr + 2) * inv_t
+    scale1 = tl.load(coef_ptr + 5) * inv_t
+    out = dq_ptr + tl.program_id(1) * 2 * B * D + rows[:, None] * D + dims[None, :]
     qmask = rmask[:, None] & (dims < D)[None, :]
-    tl.store(dq_ptr + (d * B + rows[:, None]) * D + dims[None, :], acc * (scale * inv_t), mask=qmask)
-    # d loss / d temp = -(1 / temp) sum_ij dS_ij s_ij
-    tl.store(dtemp_ptr + d * B + rows, -ds_s * (scale * inv_t), mask=rmask)
+    tl.store(out, acc0 * scale0, mask=qmask)
+    tl.store(out + B * D, acc1 * scale1, mask=qmask)
+    # d loss / d temp = -(1 / temp) sum_ij dS_ij s_ij; written once, by the programs of the first chunk of D
+    first = rmask & (tl.program_id(2) == 0)
+    tl.store(dtemp_ptr + tl.program_id(1) * B + rows, -(t0 * scale0 + t1 * scale1), mask=first)
 
 
 @triton.jit
 def _itc_dk_kernel(
     q_ptr, k_ptr, gid_ptr, gid_all_ptr, temp_ptr, stats_ptr, npos_ptr, coef_ptr, dk_ptr,
-    B, N, D, log_alpha, beta,
+    B, N, D, log_alpha, beta, B_KEY, N_KEY,
     HAS_BETA: tl.constexpr, HAS_CONS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
 ):  # fmt: skip
-    d = tl.program_id(1)  # 0: text keys of i2t, 1: image keys of t2i
+    # grid: (column blocks, 1, chunks of BLOCK_DO of D); dk: [2, N, D] = (d text_all, d image_all)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, BLOCK_D)
-    k = _tile(k_ptr, d, cols, N, D, dims)
-    k_o = k
-    if HAS_CONS:
-        k_o = _tile(k_ptr, 1 - d, cols, N, D, dims)
+    dims = tl.program_id(2) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     inv_t = 1.0 / tl.load(temp_ptr).to(tl.float32)
-    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    acc0 = tl.zeros([BLOCK_N, BLOCK_DO], tl.float32)
+    acc1 = tl.zeros([BLOCK_N, BLOCK_DO], tl.float32)
     for start in range(0, B, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        q = _tile(q_ptr, d, rows, B, D, dims)
-        q_o = q
-        if HAS_CONS:
-            q_o = _tile(q_ptr, 1 - d, rows, B, D, dims)
-        ds, s = _itc_ds(
-            gid_ptr, gid_all_ptr, stats_ptr, npos_ptr, coef_ptr,
-            rows, cols, q, k, q_o, k_o, d, inv_t, B, N, log_alpha, beta,
-            HAS_BETA, HAS_CONS, PRECISION,
+        s0 = _sim(q_ptr, k_ptr, 0, rows, cols, B, N, D, 0.0, False, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K, PRECISION)
+        s1 = _sim(q_ptr, k_ptr, 1, rows, cols, B, N, D, 0.0, False, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K, PRECISION)
+        s0 *= inv_t
+        s1 *= inv_t
+        ds0, ds1 = _tile_grads(
+            gid_ptr, gid_all_ptr, stats_ptr, npos_ptr, coef_ptr, rows, cols, s0, s1, B, N, log_alpha, beta,
+            HAS_BETA, HAS_CONS,
         )  # fmt: skip
-        acc = tl.dot(tl.trans(ds.to(q.dtype)), q, acc, input_precision=PRECISION)
-    scale = tl.load(coef_ptr + 3 * d + 2)
+        q0 = _tile(q_ptr, 0, rows, B, D, dims)
+        q1 = _tile(q_ptr, 1, rows, B, D, dims)
+        acc0 = tl.dot(tl.trans(ds0.to(q0.dtype)), q0, acc0, input_precision=PRECISION)
+        acc1 = tl.dot(tl.trans(ds1.to(q1.dtype)), q1, acc1, input_precision=PRECISION)
     kmask = (cols < N)[:, None] & (dims < D)[None, :]
-    tl.store(dk_ptr + (d * N + cols[:, None]) * D + dims[None, :], acc * (scale * inv_t), mask=kmask)
+    out = dk_ptr + cols[:, None] * D + dims[None, :]
+    tl.store(out, acc0 * (tl.load(coef_ptr + 2) * inv_t), mask=kmask)
+    tl.store(out + N * D, acc1 * (tl.load(coef_ptr + 5) * inv_t), mask=kmask)
 
 
-_itc_stats = triton.autotune(_FWD_CONFIGS, key=["B", "N", "D", "HAS_BETA", "NEG_MODE"])(_itc_stats_kernel)
-_itc_pos = triton.autotune(_FWD_CONFIGS, key=["B", "N", "D"])(_itc_pos_kernel)
-_itc_dq = triton.autotune(_BWD_CONFIGS, key=["B", "N", "D", "HAS_BETA", "HAS_CONS"])(_itc_dq_kernel)
-_itc_dk = triton.autotune(_BWD_CONFIGS, key=["B", "N", "D", "HAS_BETA", "HAS_CONS"])(_itc_dk_kernel)
+_FWD_KEY = ["B_KEY", "N_KEY", "D", "HAS_BETA", "NEG_MODE"]
+_BWD_KEY = ["B_KEY", "N_KEY", "D", "HAS_BETA", "HAS_CONS"]
+_itc_fwd = triton.autotune(_FWD_CONFIGS, key=_FWD_KEY, prune_configs_by=_prune("fwd"))(_itc_fwd_kernel)
+_itc_merge = triton.autotune(_MERGE_CONFIGS, key=_FWD_KEY, prune_configs_by=_prune("fwd"))(_itc_merge_kernel)
+_itc_dq = triton.autotune(_DQ_CONFIGS, key=_BWD_KEY, prune_configs_by=_prune("dq"))(_itc_dq_kernel)
+_itc_dk = triton.autotune(_DK_CONFIGS, key=_BWD_KEY, prune_configs_by=_prune("dk"))(_itc_dk_kernel)
+
+
+def _bucket(size: int) -> int:
+    """Autotuning key of a size: the next power of two, so a short last batch reuses its configuration."""
+    return triton.next_power_of_2(size)
+
+
+def _block_params(dtype: torch.dtype, dim: int, backward: bool = False) -> dict:
+    """BLOCK_D (D padded) and BLOCK_K, the chunk of D per similarity dot: all of D when a row fits
+    _WHOLE_ROW_BYTES in the forward (the query tile is then held), _CHUNK_BYTES per row otherwise and always in
+    the backward (whose registers go to the dQ / dK accumulators)."""
+    elt = torch.finfo(dtype).bits // 8
+    block_d = max(16, triton.next_power_of_2(dim))
+    chunk = min(block_d, max(16, _CHUNK_BYTES // elt))
+    block_k = block_d if block_d * elt <= _WHOLE_ROW_BYTES and not backward else chunk
+    return {"BLOCK_D": block_d, "BLOCK_K": block_k, "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+
+
+@functools.cache
+def _target_programs(device_index: int) -> int:
+    """Programs that keep the device busy: two per SM (a small number under the interpreter, to exercise splits)."""
+    if _INTERPRET:
+        return 6
+    return 2 * torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_splits(b: int, n: int, device: torch.device) -> int:
+    """Column splits of the forward and dQ launches: enough programs for the device, >= _MIN_SPLIT_COLUMNS columns
+    each; computed from the bucketed sizes, so a short last batch keeps the same summation order."""
+    row_blocks = triton.cdiv(_bucket(b), 16 if _INTERPRET else 64)
+    wanted = triton.cdiv(_target_programs(device.index or 0), row_blocks)
+    return max(1, min(wanted, _bucket(n) // _MIN_SPLIT_COLUMNS))
 
 
 class FusedITC(torch.autograd.Function):
@@ -374,18 +620,26 @@ class FusedITC(torch.autograd.Function):
         q = torch.stack([image_feat, text_feat]).contiguous()
         k = torch.stack([text_all, image_all]).contiguous()
         temp32 = temp.detach().reshape(1).float()
-        stats = torch.empty(_N_STATS, 2, b, device=q.device, dtype=torch.float32)
-        n_pos = torch.empty(b, device=q.device, dtype=torch.float32)
+        splits = _num_splits(b, n, q.device)
+        f32 = dict(device=q.device, dtype=torch.float32)
+        part = torch.empty(splits, _N_PART, 2, b, **f32)
+        counts = torch.empty(splits, 2, b, **f32)
+        args = torch.empty(splits, 2, b, device=q.device, dtype=torch.int32)
+        stats = torch.empty(_N_STATS, 2, b, **f32)
+        n_pos = torch.empty(b, **f32)
         negs = torch.full((2, b), -1, device=q.device, dtype=torch.long)
-        common = dict(PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_D=_block_d(dim))
+        common = dict(HAS_BETA=hn_beta != 0.0, NEG_MODE=neg_mode, **_block_params(q.dtype, dim))
+        keys = (_bucket(b), _bucket(n))
         log_alpha = math.log(hn_alpha) if hn_alpha > 0 else float("-inf")
-        _itc_stats[_grid(b, "BLOCK_M")](
-            q, k, gid, gid_all, temp32, stats, n_pos, negs, b, n, dim, offset, float(hn_beta), *seeds,
-            HAS_BETA=hn_beta != 0.0, NEG_MODE=neg_mode, **common,
+        _itc_fwd[lambda meta: (triton.cdiv(b, meta["BLOCK_M"]), splits)](
+            q, k, gid, gid_all, temp32, part, counts, args, b, n, dim, offset, float(hn_beta), *seeds, *keys, **common
         )  # fmt: skip
-        _itc_pos[_grid(b, "BLOCK_M", 2)](q, k, gid, gid_all, temp32, stats, n_pos, b, n, dim, log_alpha, **common)
+        _itc_merge[lambda meta: (triton.cdiv(b, meta["BLOCK_M"]),)](
+            q, k, gid, gid_all, temp32, part, counts, args, stats, n_pos, negs, b, n, dim, splits, log_alpha, *keys,
+            **common,
+        )  # fmt: skip
         ctx.save_for_backward(q, k, gid, gid_all, temp32, stats, n_pos)
-        ctx.consts = (b, n, dim, float(hn_beta), log_alpha, stop_grad_keys, common)
+        ctx.consts = (b, n, dim, splits, float(hn_beta), log_alpha, stop_grad_keys)
         ctx.temp_meta = (temp.shape, temp.dtype)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(negs)
@@ -395,7 +649,7 @@ class FusedITC(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_l0, g_l1, g_c0, g_c1, _g_negs):
         q, k, gid, gid_all, temp32, stats, n_pos = ctx.saved_tensors
-        b, n, dim, beta, log_alpha, stop_grad_keys, common = ctx.consts
+        b, n, dim, splits, beta, log_alpha, stop_grad_keys = ctx.consts
         has_cons = g_c0 is not None or g_c1 is not None
         zero = q.new_zeros((), dtype=torch.float32)
         grads = [zero if g is None else g.float() for g in (g_l0, g_c0, g_l1, g_c1)]
@@ -405,32 +659,27 @@ class FusedITC(torch.autograd.Function):
         scale = coef.abs().sum(1, keepdim=True)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         coef = torch.cat([coef / scale, scale], 1).contiguous()  # [2, 3]
-        flags = dict(HAS_BETA=beta != 0.0, HAS_CONS=has_cons, **common)
+        blocks = _block_params(q.dtype, dim, backward=True)
+        chunks = lambda meta: triton.cdiv(blocks["BLOCK_D"], meta["BLOCK_DO"])  # noqa: E731
+        flags = dict(HAS_BETA=beta != 0.0, HAS_CONS=has_cons, **blocks)
+        keys = (_bucket(b), _bucket(n))
 
-        dq = torch.empty(2, b, dim, device=q.device, dtype=torch.float32)
-        dtemp = torch.empty(2, b, device=q.device, dtype=torch.float32)
-        _itc_dq[_grid(b, "BLOCK_M", 2)](
-            q, k, gid, gid_all, temp32, stats, n_pos, coef, dq, dtemp, b, n, dim, log_alpha, beta, **flags
+        dq = torch.empty(splits, 2, b, dim, device=q.device, dtype=torch.float32)
+        dtemp = torch.empty(splits, b, device=q.device, dtype=torch.float32)
+        _itc_dq[lambda meta: (triton.cdiv(b, meta["BLOCK_M"]), splits, chunks(meta))](
+            q, k, gid, gid_all, temp32, stats, n_pos, coef, dq, dtemp, b, n, dim, log_alpha, beta, *keys, **flags
         )  # fmt: skip
+        dq = dq[0] if splits == 1 else dq.sum(0)
         d_image_all = d_text_all = None
         if not stop_grad_keys and (ctx.needs_input_grad[2] or ctx.needs_input_grad[3]):
             dk = torch.empty(2, n, dim, device=q.device, dtype=torch.float32)
-            _itc_dk[_grid(n, "BLOCK_N", 2)](
-                q, k, gid, gid_all, temp32, stats, n_pos, coef, dk, b, n, dim, log_alpha, beta, **flags
-            )
+            _itc_dk[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), 1, chunks(meta))](
+                q, k, gid, gid_all, temp32, stats, n_pos, coef, dk, b, n, dim, log_alpha, beta, *keys, **flags
+            )  # fmt: skip
             d_text_all, d_image_all = dk[0].to(k.dtype), dk[1].to(k.dtype)
         temp_shape, temp_dtype = ctx.temp_meta
         d_temp = dtemp.sum().reshape(temp_shape).to(temp_dtype)
         return (dq[0].to(q.dtype), dq[1].to(q.dtype), d_image_all, d_text_all, d_temp) + (None,) * 8
-
-
-def _block_d(dim: int) -> int:
-    return max(16, triton.next_power_of_2(dim))
-
-
-def _grid(size: int, block: str, directions: int = 1):
-    """Launch grid over `size` in blocks of the autotuned `block`, times the directions handled apart."""
-    return lambda meta: (triton.cdiv(size, meta[block]), directions)
 
 
 def itc_loss(
@@ -485,3 +734,52 @@ def itc_loss(
         neg_text_for_image=negs[0],
         neg_image_for_text=negs[1],
     )
+
+
+def sm90_cases() -> list[dict]:
+    """Compile cases for scripts/check_kernels_sm90.py: each kernel at the dtypes and feature widths a model
+    produces, with the configs the autotuner keeps for them (every flag combination at bf16, D = 256; the
+    heaviest elsewhere)."""
+    ptr = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+    widths = [(torch.bfloat16, 256), (torch.bfloat16, 64), (torch.bfloat16, 1024), (torch.float16, 256),
+              (torch.float32, 128), (torch.float32, 256), (torch.float32, 1024)]  # fmt: skip
+    cases = []
+    for dtype, dim in widths:
+        elt = torch.finfo(dtype).bits // 8
+        full = dtype == torch.bfloat16 and dim == 256
+        feats = {
+            "q_ptr": ptr[dtype],
+            "k_ptr": ptr[dtype],
+            "gid_ptr": "*i64",
+            "gid_all_ptr": "*i64",
+            "temp_ptr": "*fp32",
+        }
+        sizes = {"B": "i32", "N": "i32", "D": "i32"}
+        keys = {"B_KEY": "i32", "N_KEY": "i32"}
+        fwd_out = {"part_ptr": "*fp32", "count_ptr": "*fp32", "arg_ptr": "*i32"}
+        launches = [
+            ("itc_fwd", _itc_fwd, "fwd", {**feats, **fwd_out, **sizes, "offset": "i32", "beta": "fp32",
+                                          "seed0": "i32", "seed1": "i32", **keys}, "NEG_MODE"),
+            ("itc_merge", _itc_merge, "fwd", {**feats, **fwd_out, "stats_ptr": "*fp32", "npos_ptr": "*fp32",
+                                              "neg_ptr": "*i64", **sizes, "SPLITS": "i32", "log_alpha": "fp32", **keys},
+             "NEG_MODE"),
+            ("itc_dq", _itc_dq, "dq", {**feats, "stats_ptr": "*fp32", "npos_ptr": "*fp32", "coef_ptr": "*fp32",
+                                       "dq_ptr": "*fp32", "dtemp_ptr": "*fp32", **sizes, "log_alpha": "fp32",
+                                       "beta": "fp32", **keys}, "HAS_CONS"),
+            ("itc_dk", _itc_dk, "dk", {**feats, "stats_ptr": "*fp32", "npos_ptr": "*fp32", "coef_ptr": "*fp32",
+                                       "dk_ptr": "*fp32", **sizes, "log_alpha": "fp32", "beta": "fp32", **keys},
+             "HAS_CONS"),
+        ]  # fmt: skip
+        for name, kernel, kind, signature, flag in launches:
+            heaviest = (True, 2) if flag == "NEG_MODE" else (True, True)
+            variants = [(False, 1 if flag == "NEG_MODE" else True), heaviest] if full else [heaviest]
+            blocks = _block_params(dtype, dim, backward=kind != "fwd")
+            for has_beta, flag_value in variants:
+                cases.append({
+                    "name": f"{name} {str(dtype)[6:]} D={dim} HAS_BETA={has_beta} {flag}={flag_value}",
+                    "kernel": kernel,
+                    "signature": signature,
+                    "constexprs": {"HAS_BETA": has_beta, flag: flag_value, **blocks},
+                    "configs": _fitting(kernel.configs, elt, blocks["BLOCK_D"], blocks["BLOCK_K"], kind),
+                })  # fmt: skip
+    return cases

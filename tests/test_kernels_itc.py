@@ -83,6 +83,9 @@ CASES = {
     "gathered-hn-nce-no-stop-grad": (10, 5, 35, torch.float32, True, 0.2, dict(hn_beta=0.3, hn_alpha=0.4, stop_grad_keys=False)),
     "fp16-gathered-groups": (20, 8, 33, torch.float16, True, 0.05, {}),
     "fp16-no-stop-grad": (17, 6, None, torch.float16, False, 0.07, {"stop_grad_keys": False}),
+    # D = 40: the similarity summed over chunks of D, dQ / dK accumulated per chunk of D (grid axis 2)
+    "chunked-d-gathered-no-stop-grad": (11, 40, 60, torch.float32, True, 0.07, {"stop_grad_keys": False}),
+    "chunked-d-fp16-hn-nce": (9, 40, 33, torch.float16, True, 0.05, {"hn_beta": 0.4}),
 }  # fmt: skip
 
 
@@ -100,6 +103,29 @@ def test_matches_reference(case_id):
     assert torch.equal(out.neg_text_for_image, ref_out.neg_text_for_image)
     assert torch.equal(out.neg_image_for_text, ref_out.neg_image_for_text)
     assert_close_grads(ref_grads, grads, grad_tol)
+
+
+def test_cases_cross_column_splits_and_feature_chunks():
+    """The cases above exercise what the GPU launches rely on: several column splits (one of them empty, so the
+    merge must ignore it), and D processed in chunks in both the forward and the backward."""
+    cpu = torch.device("cpu")
+    tiles = -(-37 // 16)  # "gathered": N = 37 in column tiles of 16
+    splits = itc._num_splits(11, 37, cpu)
+    assert splits > 1 and -(-tiles // splits) * (splits - 1) >= tiles  # the last split holds no tile
+    assert itc._num_splits(11, 60, cpu) > 1
+    for backward in (False, True):
+        blocks = itc._block_params(torch.float32, 40, backward)
+        assert blocks["BLOCK_K"] < blocks["BLOCK_D"] == 64
+    assert itc._block_params(torch.float32, 5)["BLOCK_K"] == 16  # held whole in the forward
+
+
+def test_short_last_batch_keeps_splits():
+    """Splits (and autotuning keys) come from sizes rounded up to powers of two: one sample less changes neither,
+    so the summation order stays the same."""
+    cpu = torch.device("cpu")
+    assert itc._num_splits(127, 127, cpu) == itc._num_splits(128, 128, cpu)
+    assert itc._bucket(127) == itc._bucket(128) == 128
+    assert itc._bucket(129) == 256
 
 
 def test_loss_only_backward_without_consistency():
