@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from gritvlp.config import load_config
 from gritvlp.model.gritvlp import GritVLP
-from gritvlp.objectives.itm import itm_pairs
+from gritvlp.objectives.itm import itm_loss, itm_pairs
 from gritvlp.objectives.mlm import IGNORE_INDEX, mask_tokens
 
 B, L = 6, 9
@@ -118,35 +118,65 @@ def test_temperature_is_clamped_in_graph():
     assert model.temp.grad.abs().item() == 0  # beyond the clamp, no gradient pushes it further
 
 
-def test_mask_rate_and_80_10_10_split():
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 30000, (400, 50), generator=g)
-    ids[:, 0] = 101
-    ids[:, 40:] = 0
-    masked, labels = mask_tokens(
-        ids, vocab_size=30522, mask_token_id=103, pad_token_id=0, cls_token_id=101, mask_prob=0.5, generator=g
-    )
-    chosen = labels != IGNORE_INDEX
-    eligible = (ids != 0) & (ids != 101)
-    assert not chosen[~eligible].any()  # never PAD or CLS
-    assert chosen[eligible].float().mean().item() == pytest.approx(0.5, abs=0.01)
-    assert (labels[chosen] == ids[chosen]).all()
-    as_mask = (masked[chosen] == 103).float().mean().item()
-    unchanged = (masked[chosen] == ids[chosen]).float().mean().item()
-    assert as_mask == pytest.approx(0.8, abs=0.015)
-    assert unchanged == pytest.approx(0.1 + 0.1 / 30522, abs=0.01)  # 10% kept + random draws of the same id
-    assert 1 - as_mask - unchanged == pytest.approx(0.1, abs=0.01)
-    assert (masked[~chosen] == ids[~chosen]).all()
+def test_host_prepared_mlm_inputs_are_the_ones_used():
+    model = tiny_model()
+    batch = fixed_batch()
+    torch.manual_seed(9)
+    drawn_in_forward = model(batch)["mlm"]
+    prepared = {**batch, **model.prepare_mlm(batch["input_ids"], torch.Generator().manual_seed(9))}
+    torch.manual_seed(0)  # the default generator no longer matters
+    assert model(prepared)["mlm"].item() == pytest.approx(drawn_in_forward.item(), rel=1e-6)
+    other = {**batch, **model.prepare_mlm(batch["input_ids"], torch.Generator().manual_seed(10))}
+    assert model(other)["mlm"].item() != pytest.approx(drawn_in_forward.item(), rel=1e-3)
 
 
-def test_itm_pairs_drop_rows_without_negative():
+def test_no_labelled_token_gives_zero_mlm_loss_in_the_graph():
+    model = tiny_model(mask_prob=0.0).train()
+    batch = fixed_batch()
+    out = model({**batch, **model.prepare_mlm(batch["input_ids"])})
+    assert out["mlm"].item() == 0.0 and out["mlm"].requires_grad
+    out["loss"].backward()
+    assert model.mlm_head.bias.grad is not None and model.mlm_head.bias.grad.abs().max() == 0
+
+
+def test_itm_pairs_keep_3b_pairs_and_weight_out_missing_negatives():
     img = torch.arange(4).float()[:, None, None].expand(4, 2, 3)
     txt = torch.arange(4).float()[:, None, None].expand(4, 5, 3) + 10
-    mask = torch.ones(4, 5, dtype=torch.long)
-    pi, pt, pm, labels = itm_pairs(img, txt, mask, torch.tensor([1, -1, 3, 0]), torch.tensor([2, 2, -1, 1]))
-    assert labels.tolist() == [1] * 4 + [0] * 6
-    assert pi[:, 0, 0].tolist() == [0, 1, 2, 3, 2, 2, 1, 0, 2, 3]
-    assert pt[:, 0, 0].tolist() == [10, 11, 12, 13, 10, 11, 13, 11, 13, 10]
+    mask = torch.arange(4)[:, None].expand(4, 5)
+    pairs = itm_pairs(img, txt, mask, torch.tensor([1, -1, 3, 0]), torch.tensor([2, 2, -1, 1]))
+    assert pairs.labels.tolist() == [1] * 4 + [0] * 8
+    # ALBEF's order: positives, (negative image, text i), (image i, negative text); -1 stands in as 0
+    assert pairs.images[:, 0, 0].tolist() == [0, 1, 2, 3, 2, 2, 0, 1, 0, 1, 2, 3]
+    assert pairs.texts[:, 0, 0].tolist() == [10, 11, 12, 13, 10, 11, 12, 13, 11, 10, 13, 10]
+    assert pairs.attention_mask[:, 0].tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 1, 0, 3, 0]
+    assert pairs.weights.tolist() == [1] * 4 + [1, 1, 0, 1] + [1, 0, 1, 1]
+
+
+def test_itm_loss_and_accuracy_ignore_pairs_of_weight_zero():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([1, 1, 0, 0, 0, 0])
+    weights = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0])
+    logits = torch.randn(6, 2, generator=g)
+    logits[3] = torch.tensor([-20.0, 20.0])  # confidently wrong: would dominate loss and accuracy if counted
+    logits[5] = torch.tensor([-20.0, 20.0])
+    loss, accuracy = itm_loss(logits, labels, weights)
+    valid = weights.bool()
+    assert loss.item() == pytest.approx(F.cross_entropy(logits[valid], labels[valid]).item(), rel=1e-6)
+    expected_acc = (logits[valid].argmax(1) == labels[valid]).float().mean().item()
+    assert accuracy.item() == pytest.approx(expected_acc)
+    logits[3] = torch.tensor([20.0, -20.0])
+    assert itm_loss(logits, labels, weights)[0].item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_features_come_back_in_the_projection_dtype():
+    model = tiny_model()
+    batch = fixed_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, img = model.encode_image(batch["image"])
+        _, txt = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    assert img.dtype == txt.dtype == torch.bfloat16
+    torch.testing.assert_close(img.float().norm(dim=-1), torch.ones(B), atol=1e-2, rtol=0)
+    assert model.encode_image(batch["image"])[1].dtype == torch.float32
 
 
 def test_same_image_duplicates_are_never_itm_negatives():

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from gritvlp.config import ModelConfig, ObjectivesConfig
 from gritvlp.objectives.itc import contrastive_loss
 from gritvlp.objectives.itm import itm_loss, itm_pairs
-from gritvlp.objectives.mlm import mask_tokens
+from gritvlp.objectives.mlm import MLM_KEYS, prepare_mlm
 
 from .text import BertTextFusion, MLMHead, build_bert_config
 from .vision import VisionEncoder
@@ -69,23 +69,38 @@ class GritVLP(nn.Module):
 
     # -- encoders -----------------------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor):
-        """Returns image tokens [B, 1+P, Wv] and the normalised projected [CLS] feature [B, E]."""
+        """Returns image tokens [B, 1+P, Wv] and the normalised projected [CLS] feature [B, E]
+        (in the projection's output dtype: bf16 under bf16 autocast)."""
         tokens = self.vision(images)
-        return tokens, F.normalize(self.vision_proj(tokens[:, 0]).float(), dim=-1)
+        return tokens, normalize_in_fp32(self.vision_proj(tokens[:, 0]))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """Returns text-encoder states [B, L, H] and the normalised projected [CLS] feature [B, E]."""
+        """Returns text-encoder states [B, L, H] and the normalised projected [CLS] feature [B, E]
+        (in the projection's output dtype)."""
         hidden = self.text.encode_text(input_ids, attention_mask)
-        return hidden, F.normalize(self.text_proj(hidden[:, 0]).float(), dim=-1)
+        return hidden, normalize_in_fp32(self.text_proj(hidden[:, 0]))
 
     def itm_logits(self, image_embeds, text_hidden, attention_mask) -> torch.Tensor:
         fused = self.text.fuse(text_hidden, attention_mask, image_embeds)
         return self.itm_head(fused[:, 0])
 
     # -- pre-training -------------------------------------------------------------------------------
-    def forward(self, batch: dict) -> dict:
-        """Pre-training losses for one batch (keys: image, input_ids, attention_mask, group_id).
+    def prepare_mlm(self, input_ids: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+        """This model's MLM inputs for a host batch (see gritvlp.objectives.mlm.prepare_mlm), on the CPU."""
+        tokens = self.special_tokens
+        return prepare_mlm(
+            input_ids, vocab_size=self.text.config.vocab_size, mask_token_id=tokens["mask"],
+            pad_token_id=tokens["pad"], cls_token_id=tokens["cls"], mask_prob=self.objectives.mask_prob,
+            generator=generator,
+        )  # fmt: skip
 
+    def forward(self, batch: dict) -> dict:
+        """Pre-training losses for one batch (keys: image, input_ids, attention_mask, group_id, and the MLM
+        inputs mlm_input_ids, mlm_positions, mlm_targets of prepare_mlm).
+
+        Without the MLM inputs they are drawn here from the default CPU generator, after copying input_ids
+        to the host: the slow path (on CUDA the copy waits for the device), for direct use of the model.
+        Training prepares them on the host before the batch moves to the device.
         Returns the total 'loss', each term, metrics and the detached features for the GRIT bank.
         """
         cfg = self.objectives
@@ -109,29 +124,27 @@ class GritVLP(nn.Module):
         total = cfg.itc_weight * itc.loss
 
         if cfg.itm_weight > 0:
-            pair_images, pair_texts, pair_mask, labels = itm_pairs(
-                image_embeds, text_hidden, attention_mask, itc.neg_text_for_image, itc.neg_image_for_text
-            )
-            out["itm"], out["itm_acc"] = itm_loss(self.itm_logits(pair_images, pair_texts, pair_mask), labels)
+            pairs = itm_pairs(image_embeds, text_hidden, attention_mask, itc.neg_text_for_image, itc.neg_image_for_text)
+            logits = self.itm_logits(pairs.images, pairs.texts, pairs.attention_mask)
+            out["itm"], out["itm_acc"] = itm_loss(logits, pairs.labels, pairs.weights)
             total = total + cfg.itm_weight * out["itm"]
 
         if cfg.mlm_weight > 0:
-            tokens = self.special_tokens
-            masked_ids, labels = mask_tokens(
-                input_ids,
-                vocab_size=self.text.config.vocab_size,
-                mask_token_id=tokens["mask"],
-                pad_token_id=tokens["pad"],
-                cls_token_id=tokens["cls"],
-                mask_prob=cfg.mask_prob,
-            )
-            masked_hidden = self.text.encode_text(masked_ids, attention_mask)
+            mlm = self._mlm_inputs(batch)
+            masked_hidden = self.text.encode_text(mlm["mlm_input_ids"], attention_mask)
             fused = self.text.fuse(masked_hidden, attention_mask, image_embeds)
-            out["mlm"] = self.mlm_head(fused, labels)
+            out["mlm"] = self.mlm_head(fused, mlm["mlm_positions"], mlm["mlm_targets"])
             total = total + cfg.mlm_weight * out["mlm"]
 
         out["loss"] = total
         return out
+
+    def _mlm_inputs(self, batch: dict) -> dict:
+        """The batch's host-prepared MLM inputs, or (slow path) inputs drawn now and moved to its device."""
+        if all(key in batch for key in MLM_KEYS):
+            return {key: batch[key] for key in MLM_KEYS}
+        device = batch["input_ids"].device
+        return {key: value.to(device) for key, value in self.prepare_mlm(batch["input_ids"]).items()}
 
     # -- saving and loading ------------------------------------------------------------------------
     def config_dict(self) -> dict:
@@ -177,10 +190,17 @@ def _plain_bert_kwargs(bert_config: dict) -> dict:
     return {k: bert_config[k] for k in keep if k in bert_config}
 
 
+def normalize_in_fp32(feature: torch.Tensor) -> torch.Tensor:
+    """L2-normalises in fp32 for accuracy, returns the input dtype: bf16 features halve the contrastive
+    kernel's reads."""
+    return F.normalize(feature.float(), dim=-1).to(feature.dtype)
+
+
 @torch.no_grad()
 def similarity_stats(image_feat, text_feat, neg_text_for_image) -> dict:
     """Mean positive, in-batch negative and chosen-ITM-negative cosine similarity, in O(B D)."""
     b = image_feat.shape[0]
+    image_feat, text_feat = image_feat.float(), text_feat.float()
     positive = (image_feat * text_feat).sum(-1)
     total = image_feat.sum(0) @ text_feat.sum(0)
     stats = {"sim_pos": positive.mean()}

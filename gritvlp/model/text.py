@@ -176,8 +176,8 @@ def key_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class MLMHead(nn.Module):
-    """BERT's MLM head (transform + decoder tied to the word embeddings); computes the loss itself,
-    on labelled rows only, through the fused projection + cross-entropy kernel."""
+    """BERT's MLM head (transform + decoder tied to the word embeddings); computes the loss itself, on the
+    labelled rows only, through the fused projection + cross-entropy kernel."""
 
     def __init__(self, config: BertConfig, word_embeddings: nn.Embedding):
         super().__init__()
@@ -192,9 +192,13 @@ class MLMHead(nn.Module):
     def decoder_weight(self) -> torch.Tensor:
         return self.word_embeddings[0].weight
 
-    def forward(self, hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """hidden [B, L, H]; positions [n] flat indices into the B * L tokens; targets [n] their ids.
+
+        The row count n comes from the host, so gathering is a fixed-size index_select and the kernel is
+        told every row is labelled (ignore_index=None): nothing waits for the device to count.
+        """
         from gritvlp.kernels import lm_loss
 
-        keep = labels != ignore_index
-        rows = self.transform(hidden[keep])
-        return lm_loss(rows, self.decoder_weight, self.bias, labels[keep], ignore_index=ignore_index)
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+        return lm_loss(self.transform(rows), self.decoder_weight, self.bias, targets, ignore_index=None)

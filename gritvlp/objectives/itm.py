@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
+
+
+class ITMPairs(NamedTuple):
+    images: torch.Tensor  # [3B, P, Wv] image tokens
+    texts: torch.Tensor  # [3B, L, H] text-encoder states
+    attention_mask: torch.Tensor  # [3B, L]
+    labels: torch.Tensor  # [3B] long, 1 = match
+    weights: torch.Tensor  # [3B] float, 0 for a pair that stands in for a missing negative
 
 
 def itm_pairs(
@@ -12,25 +22,32 @@ def itm_pairs(
     attention_mask: torch.Tensor,
     neg_text_for_image: torch.Tensor,
     neg_image_for_text: torch.Tensor,
-):
-    """Stacks positives, (negative image, text) and (image, negative text) pairs, ALBEF's order.
+) -> ITMPairs:
+    """Stacks B positives, B (negative image, text) and B (image, negative text) pairs, ALBEF's order.
 
-    A negative index of -1 (no valid negative in the batch) drops that pair.
-    Returns image tokens, text tokens, text mask and labels (1 = match).
+    A negative index of -1 (no valid negative in the batch) is replaced by 0 and its pair gets weight 0:
+    the pair count stays 3B whatever the negatives are, so no boolean mask (a host sync) is needed.
     """
     b = image_embeds.shape[0]
-    rows = torch.arange(b, device=image_embeds.device)
-    has_neg_image = neg_image_for_text >= 0
-    has_neg_text = neg_text_for_image >= 0
-    text_rows = torch.cat([rows, rows[has_neg_image], neg_text_for_image[has_neg_text]])
-    image_rows = torch.cat([rows, neg_image_for_text[has_neg_image], rows[has_neg_text]])
-    labels = torch.zeros(text_rows.shape[0], dtype=torch.long, device=image_embeds.device)
-    labels[:b] = 1
-    return image_embeds[image_rows], text_embeds[text_rows], attention_mask[text_rows], labels
+    device = image_embeds.device
+    rows = torch.arange(b, device=device)
+    image_rows = torch.cat([rows, neg_image_for_text.clamp(min=0), rows])
+    text_rows = torch.cat([rows, rows, neg_text_for_image.clamp(min=0)])
+    labels = torch.cat([torch.ones(b, dtype=torch.long, device=device), torch.zeros(2 * b, dtype=torch.long, device=device)])
+    has_neg = [(neg_image_for_text >= 0).float(), (neg_text_for_image >= 0).float()]
+    weights = torch.cat([torch.ones(b, device=device), *has_neg])
+    return ITMPairs(
+        images=image_embeds.index_select(0, image_rows),
+        texts=text_embeds.index_select(0, text_rows),
+        attention_mask=attention_mask.index_select(0, text_rows),
+        labels=labels,
+        weights=weights,
+    )
 
 
-def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy of the 2-way ITM head, and its accuracy."""
-    loss = F.cross_entropy(logits.float(), labels)
-    accuracy = (logits.argmax(dim=1) == labels).float().mean()
+def itm_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of the 2-way ITM head and its accuracy, both means over the pairs of weight 1."""
+    total = weights.sum().clamp(min=1)
+    loss = (F.cross_entropy(logits.float(), labels, reduction="none") * weights).sum() / total
+    accuracy = ((logits.argmax(dim=1) == labels).float() * weights).sum() / total
     return loss, accuracy

@@ -1,11 +1,12 @@
 """Masked language modeling inputs: BERT's 80/10/10 corruption at a configurable mask rate
-(GRIT-VLP: 0.5, ALBEF: 0.15)."""
+(GRIT-VLP: 0.5, ALBEF: 0.15), drawn on the host so the device never has to count masked tokens."""
 
 from __future__ import annotations
 
 import torch
 
 IGNORE_INDEX = -100
+MLM_KEYS = ("mlm_input_ids", "mlm_positions", "mlm_targets")
 
 
 def mask_tokens(
@@ -34,3 +35,35 @@ def mask_tokens(
     corrupted = torch.where(to_mask, torch.full_like(input_ids, mask_token_id), input_ids)
     corrupted = torch.where(to_random, random_ids, corrupted)
     return corrupted, labels
+
+
+def prepare_mlm(
+    input_ids: torch.Tensor,
+    *,
+    vocab_size: int,
+    mask_token_id: int,
+    pad_token_id: int,
+    cls_token_id: int,
+    mask_prob: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """The MLM inputs of one host batch, all on the CPU:
+
+    mlm_input_ids [B, L]: the corrupted ids (see mask_tokens);
+    mlm_positions [n] int64: flat indices into the [B * L] token grid of the n labelled tokens, ascending;
+    mlm_targets [n] int64: the original ids there.
+
+    Computed on the host, n is known before anything reaches the device, so the model gathers the labelled
+    rows with a fixed-size index_select instead of a boolean mask. `generator` is a CPU generator (None: the
+    default one). CUDA ids are copied to the host first, which waits for the device: the slow path.
+    """
+    ids = input_ids.cpu()
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(f"token ids must lie in [0, {vocab_size})")
+    corrupted, labels = mask_tokens(
+        ids, vocab_size=vocab_size, mask_token_id=mask_token_id, pad_token_id=pad_token_id,
+        cls_token_id=cls_token_id, mask_prob=mask_prob, generator=generator,
+    )  # fmt: skip
+    flat_labels = labels.reshape(-1)
+    positions = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
+    return {"mlm_input_ids": corrupted, "mlm_positions": positions, "mlm_targets": flat_labels[positions]}

@@ -40,10 +40,12 @@ class RunState:
     nonfinite_steps: int = 0
 
 
-def step_seed(seed: int, micro_step: int, rank: int) -> int:
+def step_seed(seed: int, micro_step: int, rank: int, stream: str = "") -> int:
     """Model-side randomness (masking, dropout, sampled negatives) is a pure function of the step, so a
-    resumed run draws exactly what an uninterrupted one would."""
-    digest = hashlib.sha256(f"{seed}:{micro_step}:{rank}".encode()).digest()
+    resumed run draws exactly what an uninterrupted one would. Each `stream` gets its own seed, so that
+    generators seeded for one step draw independent numbers."""
+    tag = f"{seed}:{micro_step}:{rank}" + (f":{stream}" if stream else "")
+    digest = hashlib.sha256(tag.encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
@@ -86,8 +88,21 @@ def build_dataset(cfg: Config, pattern: str) -> ShardDataset:
     return dataset
 
 
+def with_mlm_inputs(batch: dict, model: GritVLP, seed: int) -> dict:
+    """The host batch plus its MLM inputs, drawn on the CPU from a generator seeded for this step."""
+    if model.objectives.mlm_weight <= 0:
+        return batch
+    return {**batch, **model.prepare_mlm(batch["input_ids"], torch.Generator().manual_seed(seed))}
+
+
 def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+    """Asynchronous copies: tensors the loader did not pin (the MLM inputs) are pinned first, because a copy
+    from pageable memory may make the host wait for the device."""
+
+    def pinned(t: torch.Tensor) -> torch.Tensor:
+        return t.pin_memory() if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned() else t
+
+    out = {k: pinned(v).to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
     out["image"] = out["image"].to(dtype)
     return out
 
@@ -102,11 +117,57 @@ def reduce_mean(values: dict[str, torch.Tensor], device) -> dict[str, float]:
     return dict(zip(names, stacked.tolist()))
 
 
-def any_rank(flag: bool, device) -> bool:
-    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
+class NonFiniteGuard:
+    """Counts non-finite losses on the device, so a step never waits to learn whether its loss was finite.
+
+    `consecutive` is the run of non-finite micro-steps ending at the latest one, `in_window` how many there
+    were since the last check. check() reads both (max over ranks) where the host synchronises anyway:
+    logging steps, checkpoints and the end of the run.
+    """
+
+    def __init__(self, device: torch.device, consecutive: int = 0, global_step: int = 0):
+        self.consecutive = torch.tensor(consecutive, dtype=torch.long, device=device)
+        self.in_window = torch.zeros((), dtype=torch.long, device=device)
+        self.checked_step = global_step
+
+    def update(self, finite: torch.Tensor) -> None:
+        self.consecutive = torch.where(finite, 0, self.consecutive + 1)
+        self.in_window += (~finite).long()
+
+    def check(self, global_step: int) -> int:
+        """Warns about non-finite losses since the last check; raises FloatingPointError after
+        MAX_CONSECUTIVE_BAD_STEPS in a row (before any checkpoint of their weights is written).
+        Returns the consecutive count."""
+        counts = torch.stack([self.consecutive, self.in_window])
+        if dist.is_initialized():
+            dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+        consecutive, in_window = counts.tolist()
+        self.in_window.zero_()
+        if in_window and is_main():
+            log.warning(
+                "%d non-finite losses in steps %d-%d: each was replaced by zero before backward",
+                in_window, self.checked_step + 1, global_step,
+            )  # fmt: skip
+        self.checked_step = global_step
+        if consecutive >= MAX_CONSECUTIVE_BAD_STEPS:
+            raise FloatingPointError(f"{consecutive} consecutive non-finite losses; the last checkpoint is kept intact")
+        return consecutive
+
+
+def forward_backward(engine, batch: dict, usable: bool, guard: NonFiniteGuard) -> tuple[dict, torch.Tensor]:
+    """One micro-step's forward and backward; a non-finite loss (or a stand-in batch) backpropagates zero.
+    Returns the model's outputs and the device flag of a finite loss."""
+    out = engine(batch)
+    finite = torch.isfinite(out["loss"])
+    guard.update(finite)
+    engine.backward(torch.where(finite, out["loss"], 0.0) * (1.0 if usable else 0.0))
+    return out, finite
+
+
+def bank_features(out: dict, finite: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's features for the GRIT bank, zeroed where the step or the value is not finite (a zero feature
+    is equally similar to every sample; a NaN would poison the grouping)."""
+    return tuple(torch.where(finite & torch.isfinite(f), f, 0.0) for f in (out["image_feat"], out["text_feat"]))
 
 
 def train(cfg: Config, ds_config_path: str, resume: str | None = None) -> RunState:
@@ -165,6 +226,7 @@ def train(cfg: Config, ds_config_path: str, resume: str | None = None) -> RunSta
         deepspeed.zero.register_external_parameter(engine.module.mlm_head, engine.module.text.embeddings.word_embeddings.weight)
     dtype = precision_dtype(ds_config)
 
+    model = engine.module
     state = RunState()
     target = checkpoint.resolve_resume(resume, output_dir)
     if target is not None:
@@ -196,7 +258,13 @@ def train(cfg: Config, ds_config_path: str, resume: str | None = None) -> RunSta
             "grit": schedule.state_dict() if schedule is not None else None,
         }
 
+    guard = NonFiniteGuard(device, state.nonfinite_steps, state.global_step)
+
+    def check_finite() -> None:
+        state.nonfinite_steps = guard.check(state.global_step)
+
     def save() -> None:
+        check_finite()  # raises before weights of a diverged run can replace the last good checkpoint
         rank_state = {"bank": schedule.bank.state_dict()} if schedule is not None else None
         checkpoint.save(engine, output_dir, state.global_step, client_state(), cfg.train.keep_checkpoints, rank_state)
 
@@ -222,27 +290,16 @@ def train(cfg: Config, ds_config_path: str, resume: str | None = None) -> RunSta
                 fallback_batch = host_batch
             elif fallback_batch is None:
                 raise RuntimeError("the first batch of the run has fewer than 2 readable samples: check the data")
-            batch = to_device(host_batch if usable else fallback_batch, device, dtype)
+            mlm_seed = step_seed(cfg.train.seed, state.micro_step, rank, "mlm")
+            step_batch = with_mlm_inputs(host_batch if usable else fallback_batch, model, mlm_seed)
+            batch = to_device(step_batch, device, dtype)
 
             torch.manual_seed(step_seed(cfg.train.seed, state.micro_step, rank))
-            out = engine(batch)
-            bad = any_rank(not torch.isfinite(out["loss"]).item(), device)
-            if bad:
-                state.nonfinite_steps += 1
-                if is_main():
-                    log.warning("non-finite loss at step %d: the step's gradient is zeroed", state.global_step)
-                if state.nonfinite_steps >= MAX_CONSECUTIVE_BAD_STEPS:
-                    raise FloatingPointError(
-                        f"{state.nonfinite_steps} consecutive non-finite losses; the last checkpoint is kept intact"
-                    )
-            else:
-                state.nonfinite_steps = 0
+            out, finite = forward_backward(engine, batch, usable, guard)
             if schedule is not None:
-                if usable and not bad:
-                    schedule.add(out["image_feat"], out["text_feat"], batch["index"])
+                if usable:
+                    schedule.add(*bank_features(out, finite), batch["index"])
                 grouping_seconds += schedule.tick(state.epoch)  # a collective: every rank, every micro-step
-            keep = 0.0 if (bad or not usable) else 1.0
-            engine.backward(torch.nan_to_num(out["loss"]) * keep)
             lr = engine.get_lr()[0]  # the rate this step uses; step() advances the schedule
             engine.step()
             state.micro_step += 1
@@ -254,6 +311,7 @@ def train(cfg: Config, ds_config_path: str, resume: str | None = None) -> RunSta
             monitor.step()
 
             if state.global_step % cfg.train.log_every == 0 or state.global_step == total_steps:
+                check_finite()
                 scalars = reduce_mean({k: out[k] for k in LOGGED_TERMS if k in out}, device)
                 seconds = monitor.elapsed()
                 samples = reduce_mean({"n": torch.tensor(float(window["samples"]))}, device)["n"] * world
@@ -289,7 +347,9 @@ def train(cfg: Config, ds_config_path: str, resume: str | None = None) -> RunSta
             state.epoch += 1
             sampler.set_epoch(state.epoch, order)
     if state.global_step % cfg.train.save_every != 0:
-        save()
+        save()  # checks the loss counters first
+    else:
+        check_finite()
     monitor.close()
     if is_main():
         log.info("finished at step %d; checkpoints in %s", state.global_step, checkpoint.checkpoint_dir(output_dir))
