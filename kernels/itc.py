@@ -76,13 +76,16 @@ def _configs(shapes):
     return configs
 
 
-# Candidates; each compiles for sm_90 within the shared-memory limit (scripts/check_kernels_sm90.py, which also
-# reports their registers and spills); _prune keeps those whose pipelined tiles fit for the launch's dtype and D.
-_FWD_CONFIGS = _configs([(64, 32, 8, 3)])
-_MERGE_CONFIGS = _configs([(64, 32, 8, 2)])
-# (..., BLOCK_DO): the chunk of D accumulated per program (two fp32 [BLOCK_M, BLOCK_DO] accumulators)
-_DQ_CONFIGS = _configs([(64, 32, 8, 3, 128), (32, 64, 8, 2, 256), (32, 32, 4, 3, 128)])
-_DK_CONFIGS = _configs([(32, 64, 8, 3, 128), (32, 32, 4, 3, 128)])
+# Candidates by element size (16-bit, fp32); each compiles for sm_90 within the shared-memory limit and without
+# register spills at D = 64 ... 1024 (fp32: a few bytes; scripts/check_kernels_sm90.py reports them all). _prune
+# keeps, for a launch, those of its dtype whose pipelined tiles fit. BLOCK_DO (dQ / dK): the chunk of D accumulated
+# per program, in two fp32 [rows, BLOCK_DO] accumulators.
+_CANDIDATES = {
+    "fwd": {2: _configs([(64, 32, 8, 3)]), 4: _configs([(32, 64, 8, 3)])},
+    "merge": {2: _configs([(64, 32, 8, 2)]), 4: _configs([(64, 32, 8, 2)])},
+    "dq": {2: _configs([(64, 32, 8, 3, 128), (32, 64, 8, 2, 256), (32, 32, 4, 3, 128)]), 4: _configs([(64, 32, 8, 3, 64)])},
+    "dk": {2: _configs([(32, 64, 8, 3, 128), (32, 32, 4, 3, 128)]), 4: _configs([(64, 32, 8, 3, 32)])},
+}  # fmt: skip
 
 
 def _tile_bytes(config, elt: int, block_d: int, block_k: int, kernel: str) -> int:
@@ -90,7 +93,7 @@ def _tile_bytes(config, elt: int, block_d: int, block_k: int, kernel: str) -> in
     stage (and the query tiles when D is chunked), plus the query tiles held for the launch when D fits whole.
     Backward: the query and key chunks of S, and the slices multiplied by dS, per stage."""
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    if kernel == "fwd":
+    if kernel in ("fwd", "merge"):
         per_stage = 2 * bn * block_k * elt + (2 * bm * block_k * elt if block_k < block_d else 0)
         return config.num_stages * per_stage + (2 * bm * block_d * elt if block_k == block_d else 0)
     slices = bn if kernel == "dq" else bm  # dQ multiplies dS by key rows, dK by query rows
@@ -98,11 +101,11 @@ def _tile_bytes(config, elt: int, block_d: int, block_k: int, kernel: str) -> in
     return config.num_stages * per_stage
 
 
-def _fitting(configs, elt: int, block_d: int, block_k: int, kernel: str):
-    """The configs for one launch: BLOCK_DO clamped to D, duplicates dropped, those whose tiles fit
-    _SMEM_BUDGET kept (at least the smallest one)."""
+def _fitting(kernel: str, elt: int, block_d: int, block_k: int) -> list:
+    """The candidates of one launch: those of its element size, BLOCK_DO clamped to D, duplicates dropped, those
+    whose tiles fit _SMEM_BUDGET kept (at least the smallest one)."""
     clamped = {}
-    for c in configs:
+    for c in _CANDIDATES[kernel][elt]:
         kwargs = dict(c.kwargs)
         if "BLOCK_DO" in kwargs:
             kwargs["BLOCK_DO"] = min(kwargs["BLOCK_DO"], block_d)
@@ -113,11 +116,14 @@ def _fitting(configs, elt: int, block_d: int, block_k: int, kernel: str):
     return [c for c in configs if size(c) <= _SMEM_BUDGET] or [min(configs, key=size)]
 
 
-def _prune(kernel: str):
-    def prune(configs, nargs, **kwargs):
-        return _fitting(configs, nargs["q_ptr"].element_size(), kwargs["BLOCK_D"], kwargs["BLOCK_K"], kernel)
+def _autotuned(kernel: str, fn, key: list):
+    """fn autotuned over the union of its candidates; each launch keeps those of its dtype and D (_fitting)."""
 
-    return {"early_config_prune": prune}
+    def prune(configs, nargs, **kwargs):
+        return _fitting(kernel, nargs["q_ptr"].element_size(), kwargs["BLOCK_D"], kwargs["BLOCK_K"])
+
+    configs = [c for by_size in _CANDIDATES[kernel].values() for c in by_size]
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(fn)
 
 
 @triton.jit
@@ -571,10 +577,10 @@ def _itc_dk_kernel(
 
 _FWD_KEY = ["B_KEY", "N_KEY", "D", "HAS_BETA", "NEG_MODE"]
 _BWD_KEY = ["B_KEY", "N_KEY", "D", "HAS_BETA", "HAS_CONS"]
-_itc_fwd = triton.autotune(_FWD_CONFIGS, key=_FWD_KEY, prune_configs_by=_prune("fwd"))(_itc_fwd_kernel)
-_itc_merge = triton.autotune(_MERGE_CONFIGS, key=_FWD_KEY, prune_configs_by=_prune("fwd"))(_itc_merge_kernel)
-_itc_dq = triton.autotune(_DQ_CONFIGS, key=_BWD_KEY, prune_configs_by=_prune("dq"))(_itc_dq_kernel)
-_itc_dk = triton.autotune(_DK_CONFIGS, key=_BWD_KEY, prune_configs_by=_prune("dk"))(_itc_dk_kernel)
+_itc_fwd = _autotuned("fwd", _itc_fwd_kernel, _FWD_KEY)
+_itc_merge = _autotuned("merge", _itc_merge_kernel, _FWD_KEY)
+_itc_dq = _autotuned("dq", _itc_dq_kernel, _BWD_KEY)
+_itc_dk = _autotuned("dk", _itc_dk_kernel, _BWD_KEY)
 
 
 def _bucket(size: int) -> int:
@@ -760,7 +766,7 @@ def sm90_cases() -> list[dict]:
         launches = [
             ("itc_fwd", _itc_fwd, "fwd", {**feats, **fwd_out, **sizes, "offset": "i32", "beta": "fp32",
                                           "seed0": "i32", "seed1": "i32", **keys}, "NEG_MODE"),
-            ("itc_merge", _itc_merge, "fwd", {**feats, **fwd_out, "stats_ptr": "*fp32", "npos_ptr": "*fp32",
+            ("itc_merge", _itc_merge, "merge", {**feats, **fwd_out, "stats_ptr": "*fp32", "npos_ptr": "*fp32",
                                               "neg_ptr": "*i64", **sizes, "SPLITS": "i32", "log_alpha": "fp32", **keys},
              "NEG_MODE"),
             ("itc_dq", _itc_dq, "dq", {**feats, "stats_ptr": "*fp32", "npos_ptr": "*fp32", "coef_ptr": "*fp32",
@@ -773,13 +779,14 @@ def sm90_cases() -> list[dict]:
         for name, kernel, kind, signature, flag in launches:
             heaviest = (True, 2) if flag == "NEG_MODE" else (True, True)
             variants = [(False, 1 if flag == "NEG_MODE" else True), heaviest] if full else [heaviest]
-            blocks = _block_params(dtype, dim, backward=kind != "fwd")
+            blocks = _block_params(dtype, dim, backward=kind in ("dq", "dk"))
             for has_beta, flag_value in variants:
                 cases.append({
                     "name": f"{name} {str(dtype)[6:]} D={dim} HAS_BETA={has_beta} {flag}={flag_value}",
                     "kernel": kernel,
                     "signature": signature,
                     "constexprs": {"HAS_BETA": has_beta, flag: flag_value, **blocks},
-                    "configs": _fitting(kernel.configs, elt, blocks["BLOCK_D"], blocks["BLOCK_K"], kind),
+                    "configs": _fitting(kind, elt, blocks["BLOCK_D"], blocks["BLOCK_K"]),
+                    "divisible_by_16": ["D"],  # as a launch specialises D = 64 ... 1024
                 })  # fmt: skip
     return cases

@@ -271,3 +271,23 @@ def lm_loss(
     compute_grad = torch.is_grad_enabled() and any(t.requires_grad for t in params)
     with torch.autocast(hidden.device.type, enabled=False):  # the inputs are cast already: run them as they are
         return FusedLinearCrossEntropy.apply(hidden, weight, bias, labels, ignore_index, label_smoothing, compute_grad)
+
+
+def sm90_cases() -> list[dict]:
+    """Compile cases for scripts/check_kernels_sm90.py: the cross-entropy kernel at the logits dtypes and the
+    BERT vocabulary (its blocks are the same for any V >= _MAX_BLOCK_V)."""
+    vocab_pad = _pad_vocab(30522)
+    cases = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        for smoothing, grad in ((False, True), (True, True), (False, False)):
+            cases.append({
+                "name": f"ce_chunk {dtype} V_pad={vocab_pad} smoothing={smoothing} grad={grad}",
+                "kernel": _ce_chunk_kernel,
+                "signature": {"logits_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "labels_ptr": "*i64",
+                              "loss_ptr": "*fp32", "V": "i32", "V_pad": "i32", "smoothing": "fp32"},
+                "constexprs": {"HAS_BIAS": True, "HAS_SMOOTHING": smoothing, "COMPUTE_GRAD": grad,
+                               "BLOCK_V": min(triton.next_power_of_2(vocab_pad), _MAX_BLOCK_V)},
+                "configs": [triton.Config({}, num_warps=_NUM_WARPS)],
+                "divisible_by_16": ["V_pad"],
+            })  # fmt: skip
+    return cases
