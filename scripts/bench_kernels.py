@@ -4,12 +4,17 @@
     python scripts/bench_kernels.py --quick --skip-compile
 
 Measures forward and forward+backward time (median over --reps) and the peak memory of forward+backward, for
-  ITC: B in {512, 4096, 16384} local = gathered samples, D = 256 (defaults of the objectives: consistency 0.2,
-       hardest negatives, stop-gradient keys);
-  LM loss: V = 30522, H = 768, batch x tokens in {128 x 25, 1024 x 30}, 50% of the tokens labelled;
-       also Liger-Kernel's LigerFusedLinearCrossEntropyLoss when it imports (on all rows, as it is used, and on
-       the labelled rows only).
-Ratios are against the eager reference: speedup = t_eager / t, memory = peak / peak_eager.
+  ITC: (local B, gathered N) in {(512, 512), (4096, 4096), (4096, 32768)}, D = 256, the objectives' defaults
+       (consistency 0.2, hardest negatives, stop-gradient keys); N > B is a batch gathered from N / B ranks; at
+       B = N = 4096 also HN-NCE (beta 0.5), sampled negatives, and gradients into the keys;
+  LM loss: V = 30522, H = 768, on 1920 and 7680 labelled rows (128 x 30 and 512 x 30 tokens, half of them masked),
+       compacted as the training step hands them over (ignore_index=None); also Liger-Kernel's
+       LigerFusedLinearCrossEntropyLoss and Cut Cross-Entropy's linear_cross_entropy on the same rows when they
+       import.
+The baseline, `eager`, is the reference as a PyTorch user would run it: on CUDA under bf16 autocast (matrix
+products in bf16 through cuBLAS, softmax and losses in fp32); `eager_fp32` is the same code without autocast (the
+test oracle). Ratios are against `eager`: speedup = t_eager / t, memory = peak / peak_eager. The JSON is written
+after every shape, so a run cut short keeps what it measured.
 
 The fused kernels need CUDA. On a CPU machine only the reference runs (eager, and compiled unless
 --skip-compile), in fp32; --quick shrinks the shapes. The output and the JSON say so. Peak memory is
@@ -21,9 +26,13 @@ call, i.e. the inputs, are not counted on either device). CPU timings on a share
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
+import importlib.metadata
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -36,11 +45,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 ROOT = Path(__file__).resolve().parents[1]
-FULL_ITC = [512, 4096, 16384]
-FULL_LM = [(128, 25), (1024, 30)]
-QUICK_ITC = [128, 512, 1024]
-QUICK_LM = [(16, 25), (64, 25)]
 DIM, HIDDEN, VOCAB = 256, 768, 30522
+# ITC cases: (local B, gathered N, extra keyword arguments of itc_loss)
+FULL_ITC = [(512, 512, {}), (4096, 4096, {}), (4096, 32768, {}), (4096, 4096, {"hn_beta": 0.5}),
+            (4096, 4096, {"negatives": "sample"}), (4096, 4096, {"stop_grad_keys": False})]  # fmt: skip
+QUICK_ITC = [(128, 128, {}), (256, 1024, {}), (256, 256, {"hn_beta": 0.5}), (256, 256, {"stop_grad_keys": False})]
+FULL_LM = [1920, 7680]
+QUICK_LM = [200, 800]
 
 
 class _LiveTensorBytes(TorchDispatchMode):
@@ -96,10 +107,8 @@ def median_ms(run, device, reps, warmup) -> float:
     return statistics.median(times)
 
 
-def measure(make_call, params, device, reps, warmup, memory=True) -> dict:
-    """make_call() -> (forward, forward_backward); times both, peak memory of forward + backward."""
-
-    forward, forward_backward = make_call()
+def measure(forward, params, device, reps, warmup, memory=True) -> dict:
+    """Times forward() (a scalar loss) without and with its backward; peak memory of forward + backward."""
 
     def fwd():
         with torch.no_grad():
@@ -108,121 +117,162 @@ def measure(make_call, params, device, reps, warmup, memory=True) -> dict:
     def fwd_bwd():
         for p in params:
             p.grad = None
-        forward_backward()
+        forward().backward()
 
     t0 = time.perf_counter()
     fwd_bwd()  # first call: autotuning / compilation
     if device.type == "cuda":
         torch.cuda.synchronize()
-    first_s = time.perf_counter() - t0
-    res = {
-        "fwd_ms": median_ms(fwd, device, reps, warmup),
-        "fwd_bwd_ms": median_ms(fwd_bwd, device, reps, warmup),
-        "first_call_s": round(first_s, 3),
-    }
+    res = {"first_call_s": round(time.perf_counter() - t0, 3)}
+    res["fwd_ms"] = median_ms(fwd, device, reps, warmup)
+    res["fwd_bwd_ms"] = median_ms(fwd_bwd, device, reps, warmup)
     for p in params:
         p.grad = None
     res["peak_mib"] = peak_bytes(fwd_bwd, device) / 2**20 if memory else None
     return res
 
 
-def itc_inputs(b, dtype, device):
+# -- inputs -----------------------------------------------------------------------------------------------------------
+def itc_inputs(case, dtype, device):
+    """Local features [B, D] (leaves), the gathered ones [N, D] holding them at rows [offset, offset + B); with
+    stop_grad_keys=False the gathered features are the leaves (the local ones are views of them)."""
+    b, n, kwargs = case
     g = torch.Generator(device="cpu").manual_seed(0)
-    img = F.normalize(torch.randn(b, DIM, generator=g), dim=-1).to(device, dtype).requires_grad_()
-    txt = F.normalize(torch.randn(b, DIM, generator=g), dim=-1).to(device, dtype).requires_grad_()
+    image_all = F.normalize(torch.randn(n, DIM, generator=g), dim=-1).to(device, dtype)
+    text_all = F.normalize(torch.randn(n, DIM, generator=g), dim=-1).to(device, dtype)
     temp = torch.tensor(0.07, device=device, requires_grad=True)
-    return img, txt, temp, torch.arange(b, device=device)
+    offset = (n - b) // 2
+    if not kwargs.get("stop_grad_keys", True):
+        image_all.requires_grad_()
+        text_all.requires_grad_()
+        return {"params": [image_all, text_all, temp], "feats": (image_all, text_all, temp, offset, b, kwargs)}
+    img = image_all[offset : offset + b].clone().requires_grad_()
+    txt = text_all[offset : offset + b].clone().requires_grad_()
+    return {"params": [img, txt, temp], "feats": (img, txt, temp, image_all, text_all, offset, kwargs)}
 
 
-def lm_inputs(batch, tokens, dtype, device):
+def itc_call(fn, inputs):
+    feats = inputs["feats"]
+    if len(feats) == 6:  # keys with gradient: the local batch is a slice of the gathered leaves
+        image_all, text_all, temp, offset, b, kwargs = feats
+        img, txt = image_all[offset : offset + b], text_all[offset : offset + b]
+    else:
+        img, txt, temp, image_all, text_all, offset, kwargs = feats
+    gathered = dict(image_all=image_all, text_all=text_all, offset=offset) if image_all.shape[0] > img.shape[0] else {}
+    return fn(img, txt, temp, **gathered, **kwargs).loss
+
+
+def lm_inputs(rows, dtype, device):
     g = torch.Generator(device="cpu").manual_seed(0)
-    hidden = torch.randn(batch, tokens, HIDDEN, generator=g).to(device, dtype).requires_grad_()
+    hidden = torch.randn(rows, HIDDEN, generator=g).to(device, dtype).requires_grad_()
     weight = (torch.randn(VOCAB, HIDDEN, generator=g) * 0.02).to(device, dtype).requires_grad_()
     bias = torch.zeros(VOCAB, device=device, dtype=dtype, requires_grad=True)
-    labels = torch.randint(0, VOCAB, (batch, tokens), generator=g)
-    labels[torch.rand(batch, tokens, generator=g) >= 0.5] = -100
-    return hidden, weight, bias, labels.to(device)
+    labels = torch.randint(0, VOCAB, (rows,), generator=g).to(device)
+    return {"params": [hidden, weight, bias], "feats": (hidden, weight, bias, labels)}
+
+
+def lm_call(fn, inputs):
+    return fn(*inputs["feats"])
+
+
+# -- implementations --------------------------------------------------------------------------------------------------
+def autocast_bf16(fn, device):
+    """fn as a PyTorch user runs it under bf16 autocast (CUDA): matrix products in bf16, softmax/losses in fp32."""
+
+    def run(*args, **kwargs):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def itc_impls(args, device):
     from gritvlp.kernels import reference
 
-    impls = {"eager": reference.itc_loss}
+    impls = {"eager": autocast_bf16(reference.itc_loss, device)}
     if device.type == "cuda":
         from gritvlp.kernels import itc
 
+        impls["eager_fp32"] = reference.itc_loss
         impls["fused"] = itc.itc_loss
     if not args.skip_compile:
-        impls["compile"] = torch.compile(reference.itc_loss)
+        impls["compile"] = autocast_bf16(torch.compile(reference.itc_loss), device)
     return impls
 
 
 def lm_impls(args, device):
     from gritvlp.kernels import reference
 
-    impls = {"eager": reference.lm_loss}
+    def compacted(fn):  # every row labelled, as the training step hands them over
+        return lambda hidden, weight, bias, labels: fn(hidden, weight, bias, labels, ignore_index=None)
+
+    impls = {"eager": autocast_bf16(compacted(reference.lm_loss), device)}
     if device.type == "cuda":
-        from gritvlp.kernels import lm_loss
-
-        impls["fused"] = lm_loss.lm_loss
+        fused = importlib.import_module("gritvlp.kernels.lm_loss")  # the package's `lm_loss` is the dispatch function
+        impls["fused"] = compacted(fused.lm_loss)
     if not args.skip_compile:
-        impls["compile"] = torch.compile(reference.lm_loss)
-    liger = _liger_loss() if device.type == "cuda" and not args.no_liger else None
-    if liger is not None:
-
-        def liger_all_rows(hidden, weight, bias, labels):
-            return liger(weight, hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1), bias)
-
-        def liger_labelled_rows(hidden, weight, bias, labels):
-            keep = labels != -100
-            return liger(weight, hidden[keep], labels[keep], bias)
-
-        impls["liger"] = liger_all_rows
-        impls["liger_labelled"] = liger_labelled_rows
+        impls["compile"] = autocast_bf16(compacted(torch.compile(reference.lm_loss)), device)
+    if device.type == "cuda" and not args.no_liger:
+        impls.update(_peer_lm_losses())
     return impls
 
 
-def _liger_loss():
-    """Liger-Kernel's fused linear cross-entropy, or None where it does not import (it needs CUDA + Triton)."""
+def _peer_lm_losses() -> dict:
+    """Liger-Kernel's and Cut Cross-Entropy's fused linear cross-entropy, where they import (CUDA + Triton)."""
+    peers = {}
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss()
+        peers["liger"] = lambda hidden, weight, bias, labels: liger(weight, hidden, labels, bias)
     except Exception as e:  # noqa: BLE001 - any import failure means "not available here"
         print(f"  (Liger-Kernel not available: {type(e).__name__}: {e})")
-        return None
-    return LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+
+        peers["cut_cross_entropy"] = lambda hidden, weight, bias, labels: linear_cross_entropy(
+            hidden, weight, labels, bias=bias
+        )
+    except Exception as e:  # noqa: BLE001
+        print(f"  (Cut Cross-Entropy not available: {type(e).__name__}: {e})")
+    return peers
 
 
-def run_suite(name, shapes, impls, make_inputs, call, args, device, dtype):
+# -- running and reporting --------------------------------------------------------------------------------------------
+def run_suite(name, cases, impls, make_inputs, call, args, device, dtype, on_row):
     rows = []
-    for shape in shapes:
-        inputs = make_inputs(shape, dtype, device)
-        params = [x for x in inputs if torch.is_tensor(x) and x.requires_grad]
+    for case in cases:
+        inputs = make_inputs(case, dtype, device)
         results = {}
         for impl_name, fn in impls.items():
-
-            def make_call(fn=fn, inputs=inputs):
-                return (lambda: call(fn, inputs)), (lambda: call(fn, inputs).backward())
-
             try:
                 # on CPU, compiled code allocates its buffers outside the dispatcher: no peak figure for it
                 memory = device.type == "cuda" or impl_name != "compile"
-                results[impl_name] = measure(make_call, params, device, args.reps, args.warmup, memory)
+                results[impl_name] = measure(
+                    lambda fn=fn, inputs=inputs: call(fn, inputs),
+                    inputs["params"],
+                    device,
+                    args.reps,
+                    args.warmup,
+                    memory,
+                )
             except Exception as e:  # noqa: BLE001 - one failing implementation must not stop the others
                 results[impl_name] = {"error": f"{type(e).__name__}: {e}"}
                 if args.verbose:
                     traceback.print_exc()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        rows.append({"shape": _shape_dict(name, shape), "results": results, "ratios": _ratios(results)})
+        rows.append({"shape": _shape_dict(name, case), "results": results, "ratios": _ratios(results)})
         _print_row(name, rows[-1])
+        on_row(rows)
     return rows
 
 
-def _shape_dict(name, shape):
+def _shape_dict(name, case):
     if name == "itc":
-        return {"B": shape, "N": shape, "D": DIM}
-    batch, tokens = shape
-    return {"batch": batch, "tokens": tokens, "V": VOCAB, "H": HIDDEN, "labelled": 0.5}
+        b, n, kwargs = case
+        return {"B": b, "N": n, "D": DIM, **kwargs}
+    return {"labelled_rows": case, "V": VOCAB, "H": HIDDEN}
 
 
 def _ratios(results):
@@ -243,23 +293,67 @@ def _print_row(name, row):
     print(f"{name} {row['shape']}")
     for impl, r in row["results"].items():
         if "error" in r:
-            print(f"  {impl:15s} error: {r['error'][:200]}")
+            print(f"  {impl:17s} error: {r['error'][:200]}")
             continue
         peak = "      n/a" if r["peak_mib"] is None else f"{r['peak_mib']:9.1f}"
-        line = f"  {impl:15s} fwd {r['fwd_ms']:9.3f} ms  fwd+bwd {r['fwd_bwd_ms']:9.3f} ms  peak {peak} MiB"
+        line = f"  {impl:17s} fwd {r['fwd_ms']:9.3f} ms  fwd+bwd {r['fwd_bwd_ms']:9.3f} ms  peak {peak} MiB"
         ratio = row["ratios"].get(impl)
         if ratio:
             mem = ratio["peak_memory_ratio"]
             line += f"  | vs eager: fwd x{ratio['fwd_speedup']:.2f}  fwd+bwd x{ratio['fwd_bwd_speedup']:.2f}"
             line += f"  memory {mem:.3f}" if mem is not None else ""
-        print(line)
+        print(line, flush=True)
+
+
+def environment(device) -> dict:
+    """What the figures depend on: device, clocks, versions, matmul precision flags, the commit."""
+    env = {
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "liger_kernel": _version("liger-kernel"),
+        "cut_cross_entropy": _version("cut-cross-entropy"),
+        "allow_tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "git_commit": _command(["git", "-C", str(ROOT), "rev-parse", "HEAD"]),
+    }
+    if device.type == "cuda":
+        query = "clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu"
+        env["nvidia_smi"] = _command(["nvidia-smi", f"--query-gpu={query}", "--format=csv"])
+    return env
+
+
+def autotuned_configs() -> dict:
+    """The config each fused ITC kernel's autotuner picked, per key it saw (CUDA only)."""
+    try:
+        from gritvlp.kernels import itc
+    except ImportError:
+        return {}
+    kernels = {"fwd": itc._itc_fwd, "merge": itc._itc_merge, "dq": itc._itc_dq, "dk": itc._itc_dk}
+    return {name: {str(key): str(cfg) for key, cfg in k.cache.items()} for name, k in kernels.items()}
+
+
+def _command(argv) -> str | None:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip() or None
+    return None
+
+
+def _version(distribution):
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes (the CPU default run)")
     parser.add_argument("--skip-compile", action="store_true", help="leave out torch.compile(reference)")
-    parser.add_argument("--no-liger", action="store_true", help="leave out Liger-Kernel")
+    parser.add_argument("--no-liger", action="store_true", help="leave out Liger-Kernel and Cut Cross-Entropy")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="CUDA: bf16, CPU: fp32")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (CUDA 20, CPU 5)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed repetitions (CUDA 3, CPU 1)")
@@ -276,25 +370,15 @@ def main(argv=None):
     args.reps = args.reps or (20 if cuda else 5)
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     out_path = args.out or ROOT / "benchmarks" / f"kernels_{device.type}.json"
-    itc_shapes = QUICK_ITC if args.quick else FULL_ITC
-    lm_shapes = QUICK_LM if args.quick else FULL_LM
 
     note = (
-        "CUDA: fused Triton kernels vs the PyTorch reference"
+        "CUDA: fused Triton kernels vs the PyTorch reference under bf16 autocast"
         if cuda
         else "CPU machine: the fused Triton kernels need CUDA, so only the PyTorch reference ran "
         "(eager" + ("" if args.skip_compile else " and torch.compile") + "); no fused figures here"
     )
-    device_name = torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine())
-    print(f"device: {device_name} ({device.type}), dtype {dtype}, torch {torch.__version__}")
-    print(f"NOTE: {note}" + (" [--quick shapes]" if args.quick else ""))
-
     report = {
-        "device": device.type,
-        "device_name": device_name,
-        "torch": torch.__version__,
-        "triton": _version("triton"),
-        "liger_kernel": _version("liger_kernel"),
+        **environment(device),
         "dtype": str(dtype).replace("torch.", ""),
         "quick": args.quick,
         "reps": args.reps,
@@ -304,38 +388,25 @@ def main(argv=None):
         "itc": [],
         "lm": [],
     }
+    print(f"device: {report['device_name']} ({device.type}), dtype {dtype}, torch {torch.__version__}")
+    print(f"NOTE: {note}" + (" [--quick shapes]" if args.quick else ""))
+
+    def write(suite):
+        def on_row(rows):
+            report[suite] = rows
+            report["autotuned"] = autotuned_configs() if cuda else {}
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            out_path.write_text(json.dumps(report, indent=2) + "\n")
+
+        return on_row
+
     if args.only in (None, "itc"):
-        report["itc"] = run_suite(
-            "itc",
-            itc_shapes,
-            itc_impls(args, device),
-            lambda b, dt, dev: itc_inputs(b, dt, dev),
-            lambda fn, x: fn(x[0], x[1], x[2], group_ids=x[3]).loss,
-            args,
-            device,
-            dtype,
-        )
+        cases = QUICK_ITC if args.quick else FULL_ITC
+        run_suite("itc", cases, itc_impls(args, device), itc_inputs, itc_call, args, device, dtype, write("itc"))
     if args.only in (None, "lm"):
-        report["lm"] = run_suite(
-            "lm",
-            lm_shapes,
-            lm_impls(args, device),
-            lambda shape, dt, dev: lm_inputs(*shape, dt, dev),
-            lambda fn, x: fn(*x),
-            args,
-            device,
-            dtype,
-        )
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(report, indent=2) + "\n")
+        cases = QUICK_LM if args.quick else FULL_LM
+        run_suite("lm", cases, lm_impls(args, device), lm_inputs, lm_call, args, device, dtype, write("lm"))
     print(f"wrote {out_path}")
-
-
-def _version(module):
-    try:
-        return __import__(module).__version__
-    except Exception:  # noqa: BLE001
-        return None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,472 @@
+"""Benchmark a whole GRIT-VLP training step: plain ITC/ITM vs GRIT vs GRIT on the reference loss kernels.
+
+    python scripts/bench_step.py                                          # CUDA: vitb16_bert, B = 128, bf16
+    python scripts/bench_step.py --config demo --batch 16 --steps 3 --warmup 1   # CPU smoke run
+
+One step is what the trainer does on one GPU, minus DeepSpeed: the host batch gets its MLM inputs (drawn on the
+CPU, as in training) and is copied to the device, forward under autocast (fp32 parameters), backward of the
+finite-guarded loss, gradient clipping and torch's fused AdamW with the optimizer block of the DeepSpeed config
+(default ds_configs/zero2.json), and for GRIT the add to the feature bank. Images are random normalised tensors
+made on the device; captions are random token ids of random lengths up to data.max_tokens, padded to the longest.
+
+Variants, on the same model:
+  plain                    ITC without consistency, ITM negatives sampled, 15% MLM, no feature bank (ALBEF);
+  grit                     consistency 0.2, hardest negatives, 50% MLM, the bank add each step (GRIT-VLP);
+  grit_reference_kernels   grit with GRITVLP_KERNELS=reference: the plain PyTorch loss kernels.
+Grouping (gritvlp.sampling.grit.grit_epoch_order) runs once per L = sampling.bank_size samples; it is timed once on
+L random features in search spaces of M = sampling.search_space and charged to each step as t * B / L.
+
+Per variant: median step time over --steps after --warmup, samples/s, peak memory (CUDA), model FLOPs of one
+forward + backward (counted once by torch.utils.flop_counter on the reference kernels, so both GRIT variants are
+charged the same work), achieved TFLOP/s and MFU against the device's dense bf16 peak. On CUDA a few more steps run
+under torch.cuda.set_sync_debug_mode("warn"): every host synchronisation inside a step is recorded with its source
+line. Ratios: grit / plain step time (with and without grouping), grit_reference_kernels / grit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+import traceback
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from gritvlp.config import load_config
+from gritvlp.model.gritvlp import GritVLP
+from gritvlp.sampling.grit import FeatureBank, grit_epoch_order
+from gritvlp.train.engine import parameter_groups
+from gritvlp.train.trainer import NonFiniteGuard, bank_features, forward_backward, step_seed, to_device, with_mlm_inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+GRIT_OBJECTIVES = dict(consistency_weight=0.2, itm_negatives="hardest", mask_prob=0.5)
+VARIANTS = {
+    "plain": dict(
+        objectives=dict(consistency_weight=0.0, itm_negatives="sample", mask_prob=0.15), bank=False, kernels="auto"
+    ),
+    "grit": dict(objectives=GRIT_OBJECTIVES, bank=True, kernels="auto"),
+    "grit_reference_kernels": dict(objectives=GRIT_OBJECTIVES, bank=True, kernels="reference"),
+}
+# Dense bf16 tensor-core peak (TFLOP/s) by a substring of torch.cuda.get_device_name(), first match wins.
+PEAK_BF16_TFLOPS = (("H200", 989.4), ("H100 SXM", 989.4), ("H100 80GB HBM3", 989.4), ("A100", 312.0))
+HOST_BATCHES = 4  # distinct captions cycled through (tokenisation happens in the loader, not in the step)
+FIRST_WORD_ID = 1000  # BERT-uncased ids below this are special or [unused] tokens
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="vitb16_bert", help="gritvlp preset or YAML (default vitb16_bert)")
+    parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
+    parser.add_argument("--batch", type=int, default=128, help="micro-batch size (default 128)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (default 20)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant first (default 5)")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="autocast dtype; CUDA bf16, CPU fp32")
+    parser.add_argument("--ds-config", type=Path, default=ROOT / "ds_configs" / "zero2.json")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by name)")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS)
+    )
+    parser.add_argument("--sync-check-steps", type=int, default=3, help="CUDA steps under sync debug mode")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/step_<device>.json)")
+    parser.add_argument("--profile", type=Path, default=None, help="CUDA: profile 3 grit steps, kernel table here")
+    args = parser.parse_args(argv)
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}")
+    return args
+
+
+# -- set-up ------------------------------------------------------------------------------------------------------------
+def optimizer_settings(ds_config: Path) -> dict:
+    """The DeepSpeed config's AdamW, clipping and precision, which the benchmark applies without DeepSpeed."""
+    config = json.loads(ds_config.read_text())
+    params = config.get("optimizer", {}).get("params", {})
+    return {
+        "lr": params.get("lr", 1e-4),
+        "betas": tuple(params.get("betas", (0.9, 0.999))),
+        "eps": params.get("eps", 1e-8),
+        "weight_decay": params.get("weight_decay", 0.0),
+        "gradient_clipping": config.get("gradient_clipping", 0.0),
+        "bf16": config.get("bf16", {}).get("enabled", False),
+    }
+
+
+def peak_tflops(device: torch.device, override: float | None) -> float | None:
+    if override is not None:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+
+
+@contextmanager
+def kernels_backend(value: str):
+    """gritvlp.kernels.backend_for reads GRITVLP_KERNELS at each call: set it for the block, then restore it."""
+    previous = os.environ.get("GRITVLP_KERNELS")
+    os.environ["GRITVLP_KERNELS"] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("GRITVLP_KERNELS", None)
+        else:
+            os.environ["GRITVLP_KERNELS"] = previous
+
+
+# -- synthetic data ----------------------------------------------------------------------------------------------------
+def host_captions(batch: int, max_tokens: int, vocab: int, special: dict, generator) -> dict:
+    """[CLS] words [SEP] of 6..max_tokens tokens, padded to the longest, as the collator returns them."""
+    lengths = torch.randint(min(6, max_tokens), max_tokens + 1, (batch,), generator=generator)
+    width = int(lengths.max())
+    ids = torch.randint(FIRST_WORD_ID, vocab, (batch, width), generator=generator)
+    ids[:, 0] = special["cls"]
+    ids[torch.arange(batch), lengths - 1] = special["sep"]
+    attention_mask = (torch.arange(width)[None] < lengths[:, None]).long()
+    return {"input_ids": ids * attention_mask + special["pad"] * (1 - attention_mask), "attention_mask": attention_mask}
+
+
+class SyntheticBatches:
+    """Device images (random normalised pixels) and host captions; each step draws its MLM inputs on the host from
+    the step's seed and copies the text to the device, as the trainer does."""
+
+    def __init__(self, model: GritVLP, batch: int, max_tokens: int, device: torch.device, dtype: torch.dtype):
+        g = torch.Generator().manual_seed(0)
+        size = model.config.image_size
+        self.images = [torch.randn(batch, 3, size, size, device=device).to(dtype) for _ in range(2)]
+        vocab = model.text.config.vocab_size
+        self.captions = [host_captions(batch, max_tokens, vocab, model.special_tokens, g) for _ in range(HOST_BATCHES)]
+        ids = torch.arange(batch)
+        self.host_extra = {"index": ids, "group_id": ids}
+        if device.type == "cuda":  # the loader pins what it returns
+            self.captions = [{k: v.pin_memory() for k, v in c.items()} for c in self.captions]
+            self.host_extra = {k: v.pin_memory() for k, v in self.host_extra.items()}
+        self.model, self.device, self.dtype = model, device, dtype
+
+    def __call__(self, step: int) -> dict:
+        host = {**self.captions[step % HOST_BATCHES], **self.host_extra, "image": self.images[step % 2]}
+        mlm_seed = step_seed(0, step, rank=0, stream="mlm")
+        return to_device(with_mlm_inputs(host, self.model, mlm_seed), self.device, self.dtype)
+
+
+# -- one training step -------------------------------------------------------------------------------------------------
+class AutocastEngine:
+    """The two calls of a DeepSpeed engine that the trainer's micro-step makes: forward under autocast, backward."""
+
+    def __init__(self, model: GritVLP, dtype: torch.dtype, device: torch.device):
+        self.model, self.dtype, self.device = model, dtype, device
+
+    def __call__(self, batch: dict) -> dict:
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            return self.model(batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+
+@dataclasses.dataclass
+class StepRunner:
+    engine: AutocastEngine
+    optimizer: torch.optim.Optimizer
+    params: list
+    clip: float
+    bank: FeatureBank | None
+    batches: SyntheticBatches
+    guard: NonFiniteGuard
+
+    def __call__(self, step: int) -> None:
+        batch = self.batches(step)
+        out, finite = forward_backward(self.engine, batch, True, self.guard)
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.bank is not None:
+            if len(self.bank) + batch["index"].numel() > self.bank.capacity:
+                self.bank.reset()  # training groups and empties it here; grouping is charged separately
+            self.bank.add(*bank_features(out, finite), batch["index"])
+
+
+def build_runner(cfg, variant: dict, args, device, dtype, settings) -> StepRunner:
+    torch.manual_seed(0)
+    objectives = dataclasses.replace(cfg.objectives, **variant["objectives"])
+    model = GritVLP(cfg.model, objectives).to(device).train()
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, settings["weight_decay"]), lr=settings["lr"], betas=settings["betas"],
+        eps=settings["eps"], fused=True,
+    )  # fmt: skip
+    bank = FeatureBank(cfg.sampling.bank_size) if variant["bank"] else None
+    batches = SyntheticBatches(model, args.batch, cfg.data.max_tokens, device, dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine = AutocastEngine(model, dtype, device)
+    return StepRunner(engine, optimizer, params, settings["gradient_clipping"], bank, batches, NonFiniteGuard(device))
+
+
+# -- measurements ------------------------------------------------------------------------------------------------------
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_times(run: StepRunner, first_step: int, steps: int, device: torch.device) -> tuple[list[float], float]:
+    """Seconds per step (CUDA events, so the host runs ahead as in training) and the wall time of all of them."""
+    synchronize(device)
+    start_wall = time.perf_counter()
+    if device.type != "cuda":
+        times = []
+        for i in range(steps):
+            t0 = time.perf_counter()
+            run(first_step + i)
+            times.append(time.perf_counter() - t0)
+        return times, time.perf_counter() - start_wall
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+    for i, (start, end) in enumerate(events):
+        start.record()
+        run(first_step + i)
+        end.record()
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) / 1e3 for start, end in events], time.perf_counter() - start_wall
+
+
+def count_flops(run: StepRunner, step: int) -> int:
+    """FLOPs of one forward + backward on the reference kernels (every matmul a visible torch op)."""
+    batch = run.batches(step)
+    with kernels_backend("reference"), FlopCounterMode(display=False) as counter:
+        out = run.engine(batch)
+        out["loss"].backward()
+    run.optimizer.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+def sync_check(run: StepRunner, first_step: int, steps: int, device: torch.device) -> dict | None:
+    """Runs steps under torch.cuda.set_sync_debug_mode("warn"); each warning names a synchronising call and the
+    Python line that made it."""
+    if device.type != "cuda" or steps <= 0:
+        return None
+    synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for i in range(steps):
+                run(first_step + i)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    synchronize(device)
+    syncs = [w for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
+    where = sorted({f"{Path(w.filename).name}:{w.lineno}: {str(w.message).splitlines()[0][:160]}" for w in syncs})
+    return {"steps": steps, "host_syncs": len(syncs), "sync_free": not syncs, "where": where}
+
+
+def profile_steps(run: StepRunner, first_step: int, steps: int, path: Path) -> dict:
+    """Profiles a few steps: the kernel table goes to `path`; returns the share of GPU time in matrix products."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            run(first_step + i)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    kernel_us = {e.key: e.self_device_time_total for e in events if e.device_type.name == "CUDA"}
+    total = sum(kernel_us.values())
+    matmul = sum(t for k, t in kernel_us.items() if any(m in k.lower() for m in ("gemm", "xmma", "cutlass", "nvjet")))
+    attention = sum(t for k, t in kernel_us.items() if any(m in k.lower() for m in ("flash", "fmha", "attention")))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(events.table(sort_by="self_device_time_total", row_limit=40))
+    return {"steps": steps, "gpu_ms_per_step": total / steps / 1e3, "matmul_share": matmul / max(total, 1),
+            "attention_share": attention / max(total, 1), "table": str(path)}  # fmt: skip
+
+
+def run_variant(name: str, cfg, args, device, dtype, settings, peak, flops_by_objectives: dict) -> dict:
+    variant = VARIANTS[name]
+    with kernels_backend(variant["kernels"]):
+        run = build_runner(cfg, variant, args, device, dtype, settings)
+        key = json.dumps(variant["objectives"], sort_keys=True)  # the same objectives are the same work
+        if key not in flops_by_objectives:
+            flops_by_objectives[key] = count_flops(run, step=0)
+        flops = flops_by_objectives[key]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for step in range(args.warmup):
+            run(step)
+        times, wall = step_times(run, args.warmup, args.steps, device)
+        peak_bytes = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        syncs = sync_check(run, args.warmup + args.steps, args.sync_check_steps, device)
+        profiled = None
+        if args.profile is not None and device.type == "cuda" and name == "grit":
+            profiled = profile_steps(run, args.warmup + args.steps + args.sync_check_steps, 3, args.profile)
+        run.guard.check(args.warmup + args.steps)  # a diverged benchmark is an error, not a figure
+    median = statistics.median(times)
+    achieved = flops / median / 1e12
+    return {
+        "objectives": variant["objectives"],
+        "kernels": variant["kernels"],
+        "feature_bank": variant["bank"],
+        "step_s_median": median,
+        "step_s_min": min(times),
+        "step_s_mean_wall": wall / len(times),
+        "samples_per_s": args.batch / median,
+        "peak_memory_gib": None if peak_bytes is None else peak_bytes / 2**30,
+        "flops_per_step": flops,
+        "achieved_tflops": achieved,
+        "mfu": None if peak is None or device.type != "cuda" else achieved / peak,
+        "sync_check": syncs,
+        "profile": profiled,
+    }
+
+
+def time_grouping(cfg, batch: int, device: torch.device) -> dict:
+    """grit_epoch_order on a bank of L random normalised fp16 features (as the bank stores them), timed once after a
+    warm-up on one search space; per step it costs t * B / L."""
+    bank, space, dim = cfg.sampling.bank_size, cfg.sampling.search_space, cfg.model.embed_dim
+    g = torch.Generator().manual_seed(0)
+    image = F.normalize(torch.randn(bank, dim, generator=g), dim=-1)
+    text = F.normalize(image + torch.randn(bank, dim, generator=g), dim=-1)
+    image, text = image.to(device, torch.float16), text.to(device, torch.float16)
+    index = torch.arange(bank, device=device)
+
+    def group(n: int) -> float:
+        synchronize(device)
+        t0 = time.perf_counter()
+        grit_epoch_order(image[:n], text[:n], index[:n], n, batch, space)
+        synchronize(device)
+        return time.perf_counter() - t0
+
+    group(space)
+    seconds = group(bank)
+    return {"bank_size": bank, "search_space": space, "seconds": seconds, "per_step_s": seconds * batch / bank}
+
+
+def ratios(variants: dict, grouping: dict) -> dict:
+    def median(name):
+        result = variants.get(name, {})
+        return result.get("step_s_median")
+
+    plain, grit, reference = median("plain"), median("grit"), median("grit_reference_kernels")
+    per_step = grouping.get("per_step_s")
+    out = {}
+    if plain and grit:
+        out["grit_vs_plain_step_time"] = grit / plain
+        if per_step is not None:
+            out["grit_with_grouping_vs_plain_step_time"] = (grit + per_step) / plain
+    if grit and reference:
+        out["grit_reference_kernels_vs_grit_step_time"] = reference / grit
+    return out
+
+
+def isolated(measure, device: torch.device) -> dict:
+    """One measurement; its failure is recorded and the others still run. Frees the device memory after it."""
+    try:
+        return measure()
+    except Exception as err:  # noqa: BLE001 - one failing variant must not stop the others
+        return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc().splitlines()[-12:]}
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def print_table(report: dict) -> None:
+    print(f"\n{report['device_name']} ({report['dtype']}, batch {report['batch']}, config {report['config']})")
+    print(
+        f"{'variant':24s} {'step ms':>9s} {'samples/s':>10s} {'peak GiB':>9s} {'TFLOP/s':>8s} {'MFU':>6s}  host syncs"
+    )
+    for name, r in report["variants"].items():
+        if "error" in r:
+            print(f"{name:24s} error: {r['error'][:120]}")
+            continue
+        peak = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
+        mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        syncs = "-" if r["sync_check"] is None else str(r["sync_check"]["host_syncs"])
+        print(
+            f"{name:24s} {1e3 * r['step_s_median']:9.2f} {r['samples_per_s']:10.1f} {peak:>9s} "
+            f"{r['achieved_tflops']:8.2f} {mfu:>6s}  {syncs}"
+        )
+    grouping = report["grouping"]
+    if "error" in grouping:
+        print(f"grouping: error: {grouping['error'][:120]}")
+    else:
+        print(
+            f"grouping: {grouping['seconds']:.3f} s per {grouping['bank_size']} samples = {1e3 * grouping['per_step_s']:.3f} ms per step"
+        )
+    for key, value in report["ratios"].items():
+        print(f"{key}: {value:.3f}")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtype = torch.bfloat16 if (args.dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16" else torch.float32
+    cfg = load_config(args.config, args.overrides)
+    settings = optimizer_settings(args.ds_config)
+    peak = peak_tflops(device, args.peak_tflops)
+    report = {
+        "device": device.type,
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "config": args.config,
+        "overrides": args.overrides,
+        "model": dataclasses.asdict(cfg.model),
+        "batch": args.batch,
+        "dtype": str(dtype).replace("torch.", ""),
+        "optimizer": {**settings, "type": "torch.optim.AdamW(fused=True)", "ds_config": str(args.ds_config)},
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "peak_tflops": peak,
+        "note": "fused Triton kernels on CUDA" if device.type == "cuda" else (
+            "CPU: the loss kernels run their PyTorch reference in every variant, so grit and grit_reference_kernels "
+            "run the same code; no MFU, no peak memory, no sync check"
+        ),
+        "variants": {},
+    }  # fmt: skip
+    print(f"device: {report['device_name']} ({device.type}), {report['dtype']}, torch {torch.__version__}")
+    flops_by_objectives: dict = {}
+    for name in args.variants.split(","):
+        print(f"running {name} ...", flush=True)
+
+        def measure(name=name):
+            return run_variant(name, cfg, args, device, dtype, settings, peak, flops_by_objectives)
+
+        report["variants"][name] = result = isolated(measure, device)
+        summary = (
+            result.get("error") or f"{1e3 * result['step_s_median']:.2f} ms/step, sync check {result['sync_check']}"
+        )
+        print(f"  {name}: {summary}", flush=True)
+    report["grouping"] = isolated(lambda: time_grouping(cfg, args.batch, device), device)
+    report["ratios"] = ratios(report["variants"], report["grouping"])
+    print_table(report)
+    out_path = args.out or ROOT / "benchmarks" / f"step_{device.type}.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out_path}")
+    return report
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except Exception:  # noqa: BLE001 - not installed or broken: no version to report
+        return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""scripts/bench_step.py runs end to end on CPU and writes the figures the README describes."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_step.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("bench_step", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_step_on_cpu_writes_every_variant(tmp_path):
+    bench = load_script()
+    out = tmp_path / "step_cpu.json"
+    bench.main(["--config", "demo", "--batch", "8", "--steps", "1", "--warmup", "0", "--device", "cpu", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert set(report["variants"]) == {"plain", "grit", "grit_reference_kernels"}
+    for name, result in report["variants"].items():
+        assert "error" not in result, (name, result)
+        assert result["step_s_median"] > 0 and result["samples_per_s"] > 0 and result["flops_per_step"] > 0
+        assert result["mfu"] is None  # no peak to compare with on a CPU
+    # 50% MLM costs more vocabulary projections than 15%: the FLOP count sees the objectives
+    assert report["variants"]["grit"]["flops_per_step"] > report["variants"]["plain"]["flops_per_step"]
+    assert report["grouping"]["per_step_s"] > 0
+    assert report["ratios"]["grit_vs_plain_step_time"] > 0
+    assert "grit_with_grouping_vs_plain_step_time" in report["ratios"]
+    assert report["batch"] == 8 and report["dtype"] == "float32" and report["torch"]
+
+
+def test_peak_tflops_by_device_name(monkeypatch):
+    bench = load_script()
+    cuda = bench.torch.device("cuda")
+    for name, peak in (("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H200", 989.4), ("NVIDIA A100-SXM4-80GB", 312.0),
+                       ("NVIDIA H100 PCIe", None)):  # fmt: skip
+        monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert bench.peak_tflops(cuda, None) == peak, name
+    assert bench.peak_tflops(cuda, 500.0) == 500.0
+    assert bench.peak_tflops(bench.torch.device("cpu"), None) is None
