@@ -1,6 +1,6 @@
 """Fused image-text contrastive loss: ITC (both directions), GRIT consistency, DiHT HN-NCE and ITM negatives.
 
-Same contract as ``reference.itc_loss`` (see the docstring of kernels/reference.py). Nothing of size B x N is
+Same contract as ``reference.itc_terms`` (see the docstring of kernels/spec.py). Nothing of size B x N is
 ever stored: the similarity tiles are recomputed on the fly from the features. Each program handles both
 directions of its tile (image i . text j and text i . image j), since the consistency term couples them.
 
@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import ITCOutput, check_itc_inputs
+from .spec import ITCInputs, ITCTerms
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _NEG_MODES = {"none": 0, "hardest": 1, "sample": 2}
@@ -688,58 +688,23 @@ class FusedITC(torch.autograd.Function):
         return (dq[0].to(q.dtype), dq[1].to(q.dtype), d_image_all, d_text_all, d_temp) + (None,) * 8
 
 
-def itc_loss(
-    image_feat: torch.Tensor,
-    text_feat: torch.Tensor,
-    temp: torch.Tensor,
-    *,
-    image_all: torch.Tensor | None = None,
-    text_all: torch.Tensor | None = None,
-    offset: int = 0,
-    group_ids: torch.Tensor | None = None,
-    group_ids_all: torch.Tensor | None = None,
-    consistency_weight: float = 0.2,
-    hn_beta: float = 0.0,
-    hn_alpha: float = 1.0,
-    negatives: str = "hardest",
-    stop_grad_keys: bool = True,
-    generator: torch.Generator | None = None,
-) -> ITCOutput:
-    image_all, text_all, group_ids, group_ids_all = check_itc_inputs(
-        image_feat, text_feat, image_all, text_all, offset, group_ids, group_ids_all, negatives
-    )
-    if hn_alpha < 0:
-        raise ValueError(f"hn_alpha must be >= 0, got {hn_alpha}")
-    if not torch.is_tensor(temp):
-        temp = torch.tensor(float(temp), device=image_feat.device)
-    dtype = image_feat.dtype
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        dtype = torch.float32
-    feats = [x.to(dtype) for x in (image_feat, text_feat, image_all, text_all)]
-    neg_mode = _NEG_MODES[negatives]
+def itc_terms(inputs: ITCInputs) -> ITCTerms:
+    x = inputs
+    dtype = x.image_feat.dtype if x.image_feat.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    feats = [t.to(dtype) for t in (x.image_feat, x.text_feat, x.image_all, x.text_all)]
+    neg_mode = _NEG_MODES[x.negatives]
     seeds = (0, 0)
     if neg_mode == 2:
         # Philox seeds for the Gumbel noise, one per direction, from the generator (default: torch's CPU
         # generator, seeded by torch.manual_seed): a CPU draw needs no device synchronisation, a CUDA
         # generator's draw does (.tolist()).
-        device = generator.device if generator is not None else "cpu"
-        seeds = tuple(torch.randint(0, 2**31 - 1, (2,), generator=generator, device=device).tolist())
+        device = x.generator.device if x.generator is not None else "cpu"
+        seeds = tuple(torch.randint(0, 2**31 - 1, (2,), generator=x.generator, device=device).tolist())
     l_i2t, l_t2i, c_i2t, c_t2i, negs = FusedITC.apply(
-        *feats, temp, group_ids.contiguous(), group_ids_all.contiguous(), offset, hn_beta, hn_alpha, neg_mode,
-        stop_grad_keys, seeds,
+        *feats, x.temp, x.group_ids.contiguous(), x.group_ids_all.contiguous(), x.offset, x.hn_beta, x.hn_alpha,
+        neg_mode, x.stop_grad_keys, seeds,
     )  # fmt: skip
-    loss_cons = (c_i2t + c_t2i) / 2
-    loss = (l_i2t + l_t2i) / 2
-    if consistency_weight != 0:
-        loss = loss + consistency_weight * loss_cons
-    return ITCOutput(
-        loss=loss,
-        loss_i2t=l_i2t,
-        loss_t2i=l_t2i,
-        loss_consistency=loss_cons,
-        neg_text_for_image=negs[0],
-        neg_image_for_text=negs[1],
-    )
+    return ITCTerms(l_i2t, l_t2i, c_i2t, c_t2i, neg_text_for_image=negs[0], neg_image_for_text=negs[1])
 
 
 def sm90_cases() -> list[dict]:

@@ -1,9 +1,9 @@
 """Fused masked-LM loss: vocabulary projection + cross-entropy over the labelled rows, without [rows, V] logits.
 
-Same contract as ``reference.lm_loss``. ``ignore_index=None`` says every row is labelled (the training path
+Same contract as ``reference.lm_loss`` (kernels/spec.py). ``ignore_index=None`` says every row is labelled (the training path
 compacts them on the host): then nothing here makes the host wait for the device. With an ignore_index the
 labelled rows are compacted first by one ``nonzero``, which synchronises (it must know their count). Labels are
-range-checked on the device (``torch._assert_async`` in ``check_lm_inputs``). Rows are processed in chunks of C,
+range-checked on the device (``torch._assert_async`` in ``spec.lm_inputs``). Rows are processed in chunks of C,
 all in one reused [C, V_pad] buffer (V_pad: V rounded up to a multiple of 64):
   1. logits = rows @ W.T, written by cuBLAS straight into the buffer's [:, :V] view, as two GEMMs: the 64-aligned
      columns (where cuBLAS runs its Hopper kernels) and the V % 64 others;
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .reference import check_lm_inputs
+from .spec import LMInputs
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Logits chunk budget. Peak extra memory of one forward+backward, N labelled rows, bf16, V = 30522, H = 768:
@@ -251,26 +251,19 @@ def _autocast_inputs(hidden, weight, bias):
     return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
-def lm_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    *,
-    ignore_index: int | None = -100,
-    label_smoothing: float = 0.0,
-) -> torch.Tensor:
+def lm_loss(inputs: LMInputs) -> torch.Tensor:
     """Cross-entropy of (hidden @ weight.T + bias) against labels, mean over labelled rows (fused, chunked).
 
     ignore_index=None: every row is labelled and nothing waits for the device (the training path); with an
     ignore_index the labelled rows are compacted first, which synchronises with the host.
     """
-    check_lm_inputs(hidden, weight, labels, ignore_index, label_smoothing)
-    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
+    hidden, weight, bias = _autocast_inputs(inputs.hidden, inputs.weight, inputs.bias)
     params = (hidden, weight) if bias is None else (hidden, weight, bias)
     compute_grad = torch.is_grad_enabled() and any(t.requires_grad for t in params)
     with torch.autocast(hidden.device.type, enabled=False):  # the inputs are cast already: run them as they are
-        return FusedLinearCrossEntropy.apply(hidden, weight, bias, labels, ignore_index, label_smoothing, compute_grad)
+        return FusedLinearCrossEntropy.apply(
+            hidden, weight, bias, inputs.labels, inputs.ignore_index, inputs.label_smoothing, compute_grad
+        )
 
 
 def sm90_cases() -> list[dict]:

@@ -9,17 +9,28 @@ The interpreter computes bf16 tl.dot wrongly, so bf16 is not tested here.
 import importlib
 import math
 
+import gritvlp.kernels as kernels
 import pytest
 import torch
 import torch.nn.functional as F
-from gritvlp.kernels import reference
 
 itc = importlib.import_module("gritvlp.kernels.itc")
+FUSED, REFERENCE = "triton", "reference"
 
 # the interpreter evaluates masked-out lanes too (log(0), exp overflow) before tl.where discards them
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
-LOSSES = ("loss", "loss_i2t", "loss_t2i", "loss_consistency")
+TERMS = ("loss_i2t", "loss_t2i", "consistency_i2t", "consistency_t2i")
+
+
+def ita(terms, consistency_weight=0.2):
+    """GRIT-VLP's ITA, as the objective composes it from the kernel's terms."""
+    contrastive = (terms.loss_i2t + terms.loss_t2i) / 2
+    return contrastive + consistency_weight * (terms.consistency_i2t + terms.consistency_t2i) / 2
+
+
+def itc_terms(backend, *args, **kwargs):
+    return kernels.itc_terms(*args, backend=backend, **kwargs)
 TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (1e-4, 2e-3)}  # (loss rtol, gradient tol)
 
 
@@ -34,7 +45,7 @@ def make_case(b, d, n=None, dtype=torch.float32, groups=False, seed=0):
     return image_all, text_all, offset, group_all
 
 
-def run(fn, case, b, temp, backward="all", **kwargs):
+def run(backend, case, b, temp, backward="all", **kwargs):
     image_all, text_all, offset, group_all = case
     n = image_all.shape[0]
     img = image_all[offset : offset + b].clone().requires_grad_()
@@ -48,11 +59,11 @@ def run(fn, case, b, temp, backward="all", **kwargs):
         keys = [ia, ta]
     if group_all is not None:
         extra.update(group_ids=group_all[offset : offset + b].clone(), group_ids_all=group_all if n != b else None)
-    out = fn(img, txt, t, **extra, **kwargs)
-    if backward == "all":  # every output gets a gradient: the four loss paths of the backward
-        (out.loss + 0.3 * out.loss_i2t - 0.2 * out.loss_t2i + 0.1 * out.loss_consistency).backward()
-    else:
-        out.loss.backward()
+    out = itc_terms(backend, img, txt, t, **extra, **kwargs)
+    if backward == "all":  # every output gets its own gradient: the four loss paths of the backward
+        (ita(out) + 0.3 * out.loss_i2t - 0.2 * out.loss_t2i + 0.1 * out.consistency_i2t).backward()
+    else:  # the contrastive terms only: the consistency outputs get no gradient
+        ita(out, consistency_weight=0.0).backward()
     grads = {"image_feat": img.grad, "text_feat": txt.grad, "temp": t.grad}
     for name, x in zip(("image_all", "text_all"), keys):
         grads[name] = x.grad
@@ -93,10 +104,10 @@ CASES = {
 def test_matches_reference(case_id):
     b, d, n, dtype, groups, temp, kwargs = CASES[case_id]
     case = make_case(b, d, n, dtype, groups)
-    ref_out, ref_grads = run(reference.itc_loss, case, b, temp, **kwargs)
-    out, grads = run(itc.itc_loss, case, b, temp, **kwargs)
+    ref_out, ref_grads = run(REFERENCE, case, b, temp, **kwargs)
+    out, grads = run(FUSED, case, b, temp, **kwargs)
     loss_rtol, grad_tol = TOL[dtype]
-    for name in LOSSES:
+    for name in TERMS:
         torch.testing.assert_close(getattr(out, name), getattr(ref_out, name), rtol=loss_rtol, atol=1e-6)
         assert getattr(out, name).dim() == 0
     # hardest negatives: the argmax of the same fp32 similarities
@@ -129,12 +140,11 @@ def test_short_last_batch_keeps_splits():
 
 
 def test_loss_only_backward_without_consistency():
-    """consistency_weight=0 and only `loss` backpropagated: the backward skips the consistency tiles."""
+    """Only the contrastive terms backpropagated: the backward skips the consistency tiles."""
     case = make_case(14, 5, 23, groups=True, seed=3)
-    kwargs = dict(consistency_weight=0.0, stop_grad_keys=False)
-    ref_out, ref_grads = run(reference.itc_loss, case, 14, 0.07, backward="loss", **kwargs)
-    out, grads = run(itc.itc_loss, case, 14, 0.07, backward="loss", **kwargs)
-    torch.testing.assert_close(out.loss, ref_out.loss, rtol=1e-5, atol=1e-6)
+    ref_out, ref_grads = run(REFERENCE, case, 14, 0.07, backward="loss", stop_grad_keys=False)
+    out, grads = run(FUSED, case, 14, 0.07, backward="loss", stop_grad_keys=False)
+    torch.testing.assert_close(ita(out, 0.0), ita(ref_out, 0.0), rtol=1e-5, atol=1e-6)
     assert_close_grads(ref_grads, grads, 1e-4)
 
 
@@ -154,12 +164,11 @@ def hn_nce_by_formula(s, beta, alpha):
 def test_hn_nce_against_formula(beta, alpha):
     b, temp = 7, 0.2
     image_all, text_all, _, _ = make_case(b, 5, seed=4)
-    out = itc.itc_loss(image_all, text_all, torch.tensor(temp), hn_beta=beta, hn_alpha=alpha, consistency_weight=0.0)
+    out = itc_terms(FUSED, image_all, text_all, torch.tensor(temp), hn_beta=beta, hn_alpha=alpha)
     s = (image_all.double() @ text_all.double().T / temp).tolist()
     s_t = (text_all.double() @ image_all.double().T / temp).tolist()
     assert out.loss_i2t.item() == pytest.approx(hn_nce_by_formula(s, beta, alpha), rel=1e-5)
     assert out.loss_t2i.item() == pytest.approx(hn_nce_by_formula(s_t, beta, alpha), rel=1e-5)
-    assert out.loss.item() == pytest.approx((out.loss_i2t.item() + out.loss_t2i.item()) / 2, rel=1e-6)
 
 
 def test_gumbel_sampling_follows_softmax():
@@ -187,8 +196,8 @@ def test_gumbel_sampling_follows_softmax():
     gen = torch.Generator().manual_seed(11)
     calls = 20
     for _ in range(calls):
-        out = itc.itc_loss(
-            queries_img, queries_txt, torch.tensor(temp), image_all=img, text_all=txt, offset=0,
+        out = itc_terms(
+            FUSED, queries_img, queries_txt, torch.tensor(temp), image_all=img, text_all=txt, offset=0,
             group_ids=group_ids, group_ids_all=group_ids_all, negatives="sample", generator=gen,
         )  # fmt: skip
         for neg, counts in ((out.neg_text_for_image, counts_i2t), (out.neg_image_for_text, counts_t2i)):
@@ -204,39 +213,41 @@ def test_gumbel_sampling_follows_softmax():
 def test_sampling_is_seeded_and_marks_rows_without_negatives():
     image_all, text_all, _, _ = make_case(9, 4, seed=5)
     t = torch.tensor(0.1)
-    a = itc.itc_loss(image_all, text_all, t, negatives="sample", generator=torch.Generator().manual_seed(1))
-    b = itc.itc_loss(image_all, text_all, t, negatives="sample", generator=torch.Generator().manual_seed(1))
+    a = itc_terms(FUSED, image_all, text_all, t, negatives="sample", generator=torch.Generator().manual_seed(1))
+    b = itc_terms(FUSED, image_all, text_all, t, negatives="sample", generator=torch.Generator().manual_seed(1))
     assert torch.equal(a.neg_text_for_image, b.neg_text_for_image)
     assert torch.equal(a.neg_image_for_text, b.neg_image_for_text)
     draws = []
     for _ in range(2):  # without a generator: torch's default one, seeded by torch.manual_seed
         torch.manual_seed(3)
-        draws.append(itc.itc_loss(image_all, text_all, t, negatives="sample").neg_text_for_image)
+        draws.append(itc_terms(FUSED, image_all, text_all, t, negatives="sample").neg_text_for_image)
     assert torch.equal(draws[0], draws[1])
     assert not (a.neg_text_for_image == torch.arange(9)).any()  # the diagonal is a positive
     same = torch.zeros(9, dtype=torch.long)  # one group: every column is a positive
     for mode in ("sample", "hardest", "none"):
-        out = itc.itc_loss(image_all, text_all, t, group_ids=same, negatives=mode)
+        out = itc_terms(FUSED, image_all, text_all, t, group_ids=same, negatives=mode)
         assert (out.neg_text_for_image == -1).all() and (out.neg_image_for_text == -1).all()
 
 
 def test_single_sample_raises():
     x = F.normalize(torch.randn(1, 4), dim=-1)
     with pytest.raises(ValueError, match="at least 2 samples"):
-        itc.itc_loss(x, x.clone(), torch.tensor(0.07))
+        itc_terms(FUSED, x, x.clone(), torch.tensor(0.07))
     y = F.normalize(torch.randn(3, 4), dim=-1)
     with pytest.raises(ValueError, match="negatives must be one of"):
-        itc.itc_loss(y, y.clone(), torch.tensor(0.07), negatives="random")
+        itc_terms(FUSED, y, y.clone(), torch.tensor(0.07), negatives="random")
 
 
-def test_dispatch_forced_triton(monkeypatch):
-    import gritvlp.kernels as kernels
-
+def test_dispatch_by_device_environment_and_argument(monkeypatch):
     image_all, text_all, _, _ = make_case(5, 4, seed=6)
+    temp = torch.tensor(0.07)
+    assert kernels.backend_for(image_all) == "reference"  # CPU tensors
     monkeypatch.setenv("GRITVLP_KERNELS", "triton")
     assert kernels.backend_for(image_all) == "triton"
-    out = kernels.itc_loss(image_all, text_all, torch.tensor(0.07))
-    direct = itc.itc_loss(image_all, text_all, torch.tensor(0.07))
-    assert torch.equal(out.loss, direct.loss)
-    monkeypatch.setenv("GRITVLP_KERNELS", "auto")
-    assert kernels.backend_for(image_all) == "reference"  # CPU tensors
+    assert kernels.backend_for(image_all, "reference") == "reference"  # the argument wins
+    forced = kernels.itc_terms(image_all, text_all, temp)
+    direct = itc.itc_terms(kernels.spec.itc_inputs(image_all, text_all, temp))
+    assert torch.equal(forced.loss_i2t, direct.loss_i2t)
+    monkeypatch.setenv("GRITVLP_KERNELS", "fast")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        kernels.itc_terms(image_all, text_all, temp)

@@ -10,12 +10,21 @@ Vocabularies that are not multiples of 64 (37, 41, 53, 133) leave pad columns in
 
 import importlib
 
+import gritvlp.kernels as kernels
 import pytest
 import torch
-from gritvlp.kernels import reference
 from torch.utils._python_dispatch import TorchDispatchMode
 
 lm = importlib.import_module("gritvlp.kernels.lm_loss")
+
+
+def fused_lm_loss(*args, **kwargs):
+    return kernels.lm_loss(*args, backend="triton", **kwargs)
+
+
+def reference_lm_loss(*args, **kwargs):
+    return kernels.lm_loss(*args, backend="reference", **kwargs)
+
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-4, 2e-3), torch.bfloat16: (2e-3, 2e-2)}  # (loss, grads)
 
@@ -97,8 +106,8 @@ def test_matches_reference(case_id, monkeypatch):
     kwargs = dict(kwargs)
     if "chunk_rows" in kwargs:
         force_chunk_rows(monkeypatch, kwargs.pop("chunk_rows"))
-    ref_loss, ref_grads = run(reference.lm_loss, case, **kwargs)
-    loss, grads = run(lm.lm_loss, case, **kwargs)
+    ref_loss, ref_grads = run(reference_lm_loss, case, **kwargs)
+    loss, grads = run(fused_lm_loss, case, **kwargs)
     loss_rtol, grad_tol = TOL[case[0].dtype]
     assert loss.dim() == 0 and loss.dtype == torch.float32
     torch.testing.assert_close(loss, ref_loss, rtol=loss_rtol, atol=1e-6)
@@ -112,8 +121,8 @@ def test_one_padded_buffer_reused_across_chunks(vocab, smoothing, monkeypatch):
     case = make_case(shape=(10,), vocab=vocab, frac=1.0, seed=5)
     force_chunk_rows(monkeypatch, 4)
     buffers = spy_buffers(monkeypatch)
-    loss, grads = run(lm.lm_loss, case, ignore_index=None, label_smoothing=smoothing)
-    ref_loss, ref_grads = run(reference.lm_loss, case, ignore_index=None, label_smoothing=smoothing)
+    loss, grads = run(fused_lm_loss, case, ignore_index=None, label_smoothing=smoothing)
+    ref_loss, ref_grads = run(reference_lm_loss, case, ignore_index=None, label_smoothing=smoothing)
     assert len(buffers) == 1 and buffers[0].shape == (4, lm._pad_vocab(vocab))
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     assert_close_grads(ref_grads, grads, 1e-5)
@@ -153,16 +162,16 @@ def test_compacted_rows_never_wait_for_the_device():
 
     syncing = {"nonzero", "_local_scalar_dense", "masked_select", "is_nonzero", "item"}
     case = make_case(frac=1.0)
-    for fn in (lm.lm_loss, reference.lm_loss):
+    for fn in (fused_lm_loss, reference_lm_loss):
         with Ops() as ops:
             run(fn, case, ignore_index=None, label_smoothing=0.1)
         assert not ops.seen & syncing, (fn, ops.seen & syncing)
     with Ops() as ops:  # the ignore_index path compacts with nonzero: the control for the check above
-        run(lm.lm_loss, make_case())
+        run(fused_lm_loss, make_case())
     assert "nonzero" in ops.seen
 
 
-@pytest.mark.parametrize("fn", [lm.lm_loss, reference.lm_loss], ids=["fused", "reference"])
+@pytest.mark.parametrize("fn", [fused_lm_loss, reference_lm_loss], ids=["fused", "reference"])
 def test_label_range_checked_on_the_device(fn):
     """torch._assert_async raises synchronously on CPU (on CUDA it is a device-side assert)."""
     h, w, b, labels = make_case(frac=1.0)
@@ -182,8 +191,8 @@ def test_autocast_with_fp32_parameters(dtype, monkeypatch):
     force_chunk_rows(monkeypatch, 4)
     buffers = spy_buffers(monkeypatch)
     with torch.autocast("cpu", dtype=dtype):
-        loss, grads = run(lm.lm_loss, case, label_smoothing=0.1)
-        ref_loss, ref_grads = run(reference.lm_loss, case, label_smoothing=0.1)
+        loss, grads = run(fused_lm_loss, case, label_smoothing=0.1)
+        ref_loss, ref_grads = run(reference_lm_loss, case, label_smoothing=0.1)
     assert buffers[0].dtype == dtype and loss.dtype == torch.float32
     loss_rtol, grad_tol = TOL[dtype]
     torch.testing.assert_close(loss, ref_loss, rtol=loss_rtol, atol=1e-6)
@@ -214,8 +223,8 @@ def test_addmm_fp32_accumulates(dtype):
 @pytest.mark.parametrize("ignore_index", [-100, None])
 def test_no_labelled_row_gives_zero_loss_and_zero_gradients(ignore_index):
     case = make_case(frac=0.0) if ignore_index is not None else make_case(shape=(0,))
-    loss, grads = run(lm.lm_loss, case, ignore_index=ignore_index)
-    ref_loss, ref_grads = run(reference.lm_loss, case, ignore_index=ignore_index)
+    loss, grads = run(fused_lm_loss, case, ignore_index=ignore_index)
+    ref_loss, ref_grads = run(reference_lm_loss, case, ignore_index=ignore_index)
     assert loss.item() == 0.0 and ref_loss.item() == 0.0
     for g, g_ref in zip(grads, ref_grads):
         assert g is not None and g.shape == g_ref.shape and not g.any()
@@ -224,35 +233,34 @@ def test_no_labelled_row_gives_zero_loss_and_zero_gradients(ignore_index):
 def test_without_autograd_only_the_loss():
     h, w, b, labels = make_case(seed=2)
     with torch.no_grad():
-        loss = lm.lm_loss(h, w, b, labels, label_smoothing=0.05)
-    torch.testing.assert_close(loss, reference.lm_loss(h, w, b, labels, label_smoothing=0.05), rtol=1e-5, atol=1e-6)
+        loss = fused_lm_loss(h, w, b, labels, label_smoothing=0.05)
+    torch.testing.assert_close(loss, reference_lm_loss(h, w, b, labels, label_smoothing=0.05), rtol=1e-5, atol=1e-6)
 
 
 def test_frozen_weight():
     h, w, b, labels = make_case(seed=3)
     h = h.requires_grad_()
-    loss = lm.lm_loss(h, w, b, labels)
+    loss = fused_lm_loss(h, w, b, labels)
     loss.backward()
     h_ref = h.detach().clone().requires_grad_()
-    reference.lm_loss(h_ref, w, b, labels).backward()
+    reference_lm_loss(h_ref, w, b, labels).backward()
     assert_close_grads([h_ref.grad], [h.grad], 1e-5)
 
 
 def test_invalid_inputs():
     h, w, b, labels = make_case()
     with pytest.raises(ValueError, match="do not match"):
-        lm.lm_loss(h, w, b, labels[:, :-1])
+        fused_lm_loss(h, w, b, labels[:, :-1])
     with pytest.raises(ValueError, match="label_smoothing"):
-        lm.lm_loss(h, w, b, labels, label_smoothing=1.5)
-    loss = lm.lm_loss(h.requires_grad_(), w, b, labels)
+        fused_lm_loss(h, w, b, labels, label_smoothing=1.5)
+    loss = fused_lm_loss(h.requires_grad_(), w, b, labels)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="only once"):
         loss.backward()
 
 
 def test_dispatch_forced_triton(monkeypatch):
-    import gritvlp.kernels as kernels
-
     h, w, b, labels = make_case(seed=4)
     monkeypatch.setenv("GRITVLP_KERNELS", "triton")
-    assert torch.equal(kernels.lm_loss(h, w, b, labels), lm.lm_loss(h, w, b, labels))
+    direct = lm.lm_loss(kernels.spec.lm_inputs(h, w, b, labels))
+    assert torch.equal(kernels.lm_loss(h, w, b, labels), direct)
