@@ -1,25 +1,21 @@
-"""The tiny GRIT-VLP model: losses against an independent computation of METHOD.md's formulas."""
+"""The GRIT-VLP model's modules: encoders, the bounded temperature, loading vision and BERT weights."""
 
 import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from gritvlp.config import load_config
 from gritvlp.model.gritvlp import GritVLP
-from gritvlp.objectives.itm import itm_loss, itm_pairs
-from gritvlp.objectives.mlm import IGNORE_INDEX, mask_tokens
+from gritvlp.model.temperature import bounded_temperature
 
 B, L = 6, 9
 
 
-def tiny_model(**objective_overrides):
-    cfg = load_config("demo")
-    objectives = dataclasses.replace(cfg.objectives, **objective_overrides)
+def tiny_model():
     torch.manual_seed(0)
-    return GritVLP(cfg.model, objectives).eval()  # eval: no dropout, so forward passes are comparable
+    return GritVLP(load_config("demo").model).eval()
 
 
 def fixed_batch():
@@ -33,141 +29,6 @@ def fixed_batch():
     return {"image": torch.randn(B, 3, 64, 64, generator=g), "input_ids": ids, "attention_mask": mask}
 
 
-def independent_ita(img, txt, temp, w_cons=0.2):
-    """ITA of METHOD.md section 1, written out with explicit loops over rows."""
-    s = img @ txt.T / temp
-    n = s.shape[0]
-    l_i2t = sum(-torch.log_softmax(s[i], 0)[i] for i in range(n)) / n
-    l_t2i = sum(-torch.log_softmax(s[:, i], 0)[i] for i in range(n)) / n
-    c_i2t = sum(-(torch.softmax(s[:, i], 0) * torch.log_softmax(s[i], 0)).sum() for i in range(n)) / n
-    c_t2i = sum(-(torch.softmax(s[i], 0) * torch.log_softmax(s[:, i], 0)).sum() for i in range(n)) / n
-    return (l_i2t + l_t2i) / 2, (c_i2t + c_t2i) / 2
-
-
-def test_losses_match_independent_formulas():
-    model = tiny_model()
-    batch = fixed_batch()
-    torch.manual_seed(123)
-    out = model(batch)
-
-    with torch.no_grad():
-        image_embeds, img = model.encode_image(batch["image"])
-        text_hidden, txt = model.encode_text(batch["input_ids"], batch["attention_mask"])
-        temp = model.temp.clamp(0.001, 0.5)[0]
-        itc, cons = independent_ita(img, txt, temp)
-        assert out["itc"].item() == pytest.approx(itc.item(), rel=1e-5)
-        assert out["consistency"].item() == pytest.approx(cons.item(), rel=1e-5)
-
-        # ITM: the hardest negative per row = argmax of softmax(S) with the diagonal zeroed.
-        s = img @ txt.T / temp
-        weights = torch.softmax(s, 1).masked_fill(torch.eye(B, dtype=torch.bool), 0)
-        neg_text = weights.argmax(1)
-        weights_t2i = torch.softmax(s.T, 1).masked_fill(torch.eye(B, dtype=torch.bool), 0)
-        neg_image = weights_t2i.argmax(1)
-        images = torch.cat([image_embeds, image_embeds[neg_image], image_embeds])
-        texts = torch.cat([text_hidden, text_hidden, text_hidden[neg_text]])
-        masks = torch.cat([batch["attention_mask"]] * 2 + [batch["attention_mask"][neg_text]])
-        labels = torch.tensor([1] * B + [0] * 2 * B)
-        itm = F.cross_entropy(model.itm_logits(images, texts, masks), labels)
-        assert out["itm"].item() == pytest.approx(itm.item(), rel=1e-5)
-
-        # MLM: the same masking draw, full vocabulary logits, CE over the chosen positions only.
-        torch.manual_seed(123)
-        masked, mlm_labels = mask_tokens(
-            batch["input_ids"], vocab_size=model.text.config.vocab_size, mask_token_id=103, pad_token_id=0,
-            cls_token_id=101, mask_prob=0.5,
-        )  # fmt: skip
-        fused = model.text.fuse(model.text.encode_text(masked, batch["attention_mask"]), batch["attention_mask"], image_embeds)
-        logits = model.mlm_head.transform(fused) @ model.text.embeddings.word_embeddings.weight.T + model.mlm_head.bias
-        mlm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), mlm_labels.reshape(-1), ignore_index=IGNORE_INDEX)
-        assert out["mlm"].item() == pytest.approx(mlm.item(), rel=1e-5)
-        total = itc + 0.2 * cons + itm + mlm
-        assert out["loss"].item() == pytest.approx(total.item(), rel=1e-5)
-
-
-def test_backward_reaches_every_trained_parameter():
-    model = tiny_model().train()
-    out = model(fixed_batch())
-    out["loss"].backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
-    assert not missing, missing
-    assert model.temp.grad.abs().item() > 0
-
-
-def test_stop_gradient_on_key_side():
-    from gritvlp.kernels import reference
-
-    img = F.normalize(torch.randn(5, 8), dim=-1).requires_grad_()
-    txt = F.normalize(torch.randn(5, 8), dim=-1).requires_grad_()
-    temp = torch.tensor(0.1)
-    out = reference.itc_loss(img, txt, temp, consistency_weight=0.0)
-    (grad_txt,) = torch.autograd.grad(out.loss_i2t, txt, allow_unused=True, materialize_grads=True)
-    assert grad_txt.abs().max() == 0  # i2t reaches only the image branch
-    out = reference.itc_loss(img, txt, temp, consistency_weight=0.0, stop_grad_keys=False)
-    (grad_txt,) = torch.autograd.grad(out.loss_i2t, txt)
-    assert grad_txt.abs().max() > 0
-
-
-def test_temperature_is_clamped_in_graph():
-    model = tiny_model()
-    with torch.no_grad():
-        model.temp.fill_(2.0)
-    out = model(fixed_batch())
-    assert out["temp"].item() == pytest.approx(0.5)
-    out["loss"].backward()
-    assert model.temp.grad.abs().item() == 0  # beyond the clamp, no gradient pushes it further
-
-
-def test_host_prepared_mlm_inputs_are_the_ones_used():
-    model = tiny_model()
-    batch = fixed_batch()
-    torch.manual_seed(9)
-    drawn_in_forward = model(batch)["mlm"]
-    prepared = {**batch, **model.prepare_mlm(batch["input_ids"], torch.Generator().manual_seed(9))}
-    torch.manual_seed(0)  # the default generator no longer matters
-    assert model(prepared)["mlm"].item() == pytest.approx(drawn_in_forward.item(), rel=1e-6)
-    other = {**batch, **model.prepare_mlm(batch["input_ids"], torch.Generator().manual_seed(10))}
-    assert model(other)["mlm"].item() != pytest.approx(drawn_in_forward.item(), rel=1e-3)
-
-
-def test_no_labelled_token_gives_zero_mlm_loss_in_the_graph():
-    model = tiny_model(mask_prob=0.0).train()
-    batch = fixed_batch()
-    out = model({**batch, **model.prepare_mlm(batch["input_ids"])})
-    assert out["mlm"].item() == 0.0 and out["mlm"].requires_grad
-    out["loss"].backward()
-    assert model.mlm_head.bias.grad is not None and model.mlm_head.bias.grad.abs().max() == 0
-
-
-def test_itm_pairs_keep_3b_pairs_and_weight_out_missing_negatives():
-    img = torch.arange(4).float()[:, None, None].expand(4, 2, 3)
-    txt = torch.arange(4).float()[:, None, None].expand(4, 5, 3) + 10
-    mask = torch.arange(4)[:, None].expand(4, 5)
-    pairs = itm_pairs(img, txt, mask, torch.tensor([1, -1, 3, 0]), torch.tensor([2, 2, -1, 1]))
-    assert pairs.labels.tolist() == [1] * 4 + [0] * 8
-    # ALBEF's order: positives, (negative image, text i), (image i, negative text); -1 stands in as 0
-    assert pairs.images[:, 0, 0].tolist() == [0, 1, 2, 3, 2, 2, 0, 1, 0, 1, 2, 3]
-    assert pairs.texts[:, 0, 0].tolist() == [10, 11, 12, 13, 10, 11, 12, 13, 11, 10, 13, 10]
-    assert pairs.attention_mask[:, 0].tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 1, 0, 3, 0]
-    assert pairs.weights.tolist() == [1] * 4 + [1, 1, 0, 1] + [1, 0, 1, 1]
-
-
-def test_itm_loss_and_accuracy_ignore_pairs_of_weight_zero():
-    g = torch.Generator().manual_seed(0)
-    labels = torch.tensor([1, 1, 0, 0, 0, 0])
-    weights = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0])
-    logits = torch.randn(6, 2, generator=g)
-    logits[3] = torch.tensor([-20.0, 20.0])  # confidently wrong: would dominate loss and accuracy if counted
-    logits[5] = torch.tensor([-20.0, 20.0])
-    loss, accuracy = itm_loss(logits, labels, weights)
-    valid = weights.bool()
-    assert loss.item() == pytest.approx(F.cross_entropy(logits[valid], labels[valid]).item(), rel=1e-6)
-    expected_acc = (logits[valid].argmax(1) == labels[valid]).float().mean().item()
-    assert accuracy.item() == pytest.approx(expected_acc)
-    logits[3] = torch.tensor([20.0, -20.0])
-    assert itm_loss(logits, labels, weights)[0].item() == pytest.approx(loss.item(), rel=1e-6)
-
-
 def test_features_come_back_in_the_projection_dtype():
     model = tiny_model()
     batch = fixed_batch()
@@ -177,32 +38,6 @@ def test_features_come_back_in_the_projection_dtype():
     assert img.dtype == txt.dtype == torch.bfloat16
     torch.testing.assert_close(img.float().norm(dim=-1), torch.ones(B), atol=1e-2, rtol=0)
     assert model.encode_image(batch["image"])[1].dtype == torch.float32
-
-
-def test_same_image_duplicates_are_never_itm_negatives():
-    model = tiny_model()
-    batch = fixed_batch()
-    batch["group_id"] = torch.tensor([0, 0, 1, 1, 2, 3])
-    with torch.no_grad():
-        _, img = model.encode_image(batch["image"])
-        _, txt = model.encode_text(batch["input_ids"], batch["attention_mask"])
-    from gritvlp.kernels import itc_loss
-
-    out = itc_loss(img, txt, torch.tensor(0.07), group_ids=batch["group_id"])
-    for i, j in enumerate(out.neg_text_for_image.tolist()):
-        assert batch["group_id"][i] != batch["group_id"][j]
-
-
-def test_gradient_checkpointing_gives_the_same_gradients():
-    batch = fixed_batch()
-    grads = []
-    for enable in (False, True):
-        model = tiny_model().train()
-        model.set_grad_checkpointing(enable)
-        torch.manual_seed(7)
-        model(batch)["loss"].backward()
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
 def minilm_folder() -> Path:
@@ -227,13 +62,17 @@ def test_bert_layers_match_transformers_on_a_real_checkpoint():
     torch.testing.assert_close(ours[mask.bool()], theirs[mask.bool()], rtol=1e-4, atol=1e-4)
     # Fusion layers take the checkpoint's self-attention and FFN; only cross-attention is new.
     fusion = model.text.encoder.layer[4]
-    torch.testing.assert_close(fusion.attention.self.query.weight, reference.encoder.layer[4].attention.self.query.weight)
+    torch.testing.assert_close(
+        fusion.attention.self.query.weight, reference.encoder.layer[4].attention.self.query.weight
+    )
 
 
 def test_vision_weights_load_with_position_interpolation(tmp_path):
     import timm
 
-    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, patch_size=8, embed_dim=96, depth=3, num_heads=3)
+    source = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=10, patch_size=8, embed_dim=96, depth=3, num_heads=3
+    )
     torch.save({"model": source.state_dict()}, tmp_path / "vit.pth")
     cfg = load_config("demo")
     model = GritVLP(dataclasses.replace(cfg.model, vision_weights=str(tmp_path / "vit.pth")))
@@ -244,8 +83,90 @@ def test_vision_weights_load_with_position_interpolation(tmp_path):
 
 
 def test_missing_weight_files_fail_clearly(tmp_path):
+    from gritvlp.config import ConfigError
+
     cfg = load_config("demo")
-    with pytest.raises(FileNotFoundError, match="weights file not found"):
-        GritVLP(dataclasses.replace(cfg.model, vision_weights=str(tmp_path / "nope.pth")))
+    with pytest.raises(ConfigError, match="model.vision_weights"):  # a path that does not exist: at config time
+        dataclasses.replace(cfg.model, vision_weights=str(tmp_path / "nope.pth"))
     with pytest.raises(FileNotFoundError, match="no model.safetensors or pytorch_model.bin"):
-        GritVLP(dataclasses.replace(cfg.model, text_weights=str(tmp_path)))
+        GritVLP(dataclasses.replace(cfg.model, text_weights=str(tmp_path)))  # a folder without weights
+
+
+def temperature_gradient(raw_value: float, wanted: float) -> tuple[float, float]:
+    """(value used, gradient on the raw parameter) for a loss that is smallest at temperature `wanted`."""
+    raw = torch.tensor([raw_value], requires_grad=True)
+    temp = bounded_temperature(raw, 0.001, 0.5)
+    ((temp - wanted) ** 2).sum().backward()
+    return temp.item(), raw.grad.item()
+
+
+def test_temperature_stays_in_bounds_and_keeps_a_gradient_back_inside():
+    # within the bounds: the plain gradient
+    value, grad = temperature_gradient(0.07, 0.2)
+    assert value == pytest.approx(0.07) and grad == pytest.approx(2 * (0.07 - 0.2))
+    # beyond the upper bound (the value used is the bound): a loss that wants it lower moves it back ...
+    value, grad = temperature_gradient(0.6, 0.1)
+    assert value == pytest.approx(0.5) and grad > 0  # a descent step lowers the parameter
+    # ... a loss that wants it higher does not push it further out (a clamp in the graph gives 0 for both)
+    assert temperature_gradient(0.6, 0.9)[1] == 0
+    value, grad = temperature_gradient(0.0005, 0.05)
+    assert value == pytest.approx(0.001) and grad < 0  # below the lower bound: pulled back up
+    assert temperature_gradient(0.0005, 0.0)[1] == 0
+    # at a bound exactly, the gradient passes both ways: the temperature never gets stuck there
+    assert temperature_gradient(0.001, 0.05)[1] < 0 and temperature_gradient(0.5, 0.1)[1] > 0
+
+
+def test_model_temperature_uses_the_configured_bounds():
+    model = tiny_model()
+    with torch.no_grad():
+        model.temp.fill_(2.0)
+    assert model.temperature().item() == pytest.approx(0.5) and model.temperature().dim() == 0
+
+
+def bert_checkpoint(tmp_path, model, old_layer_norm_names: bool, drop: str | None = None) -> Path:
+    """A BertForMaskedLM-style checkpoint of `model`'s text side, as the original bert-base-uncased ships it."""
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("text.") and ".crossattention." not in key:
+            state["bert." + key[len("text.") :]] = value.clone()
+        elif key.startswith("mlm_head."):
+            state["cls.predictions." + key[len("mlm_head.") :]] = value.clone()
+    state["cls.predictions.decoder.weight"] = state["bert.embeddings.word_embeddings.weight"]
+    if old_layer_norm_names:
+        state = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+                 for k, v in state.items()}  # fmt: skip
+    if drop:
+        state = {k: v for k, v in state.items() if drop not in k}
+    folder = tmp_path / "bert"
+    folder.mkdir(exist_ok=True)
+    torch.save(state, folder / "pytorch_model.bin")
+    return folder
+
+
+def test_original_bert_checkpoint_loads_gamma_beta_layer_norms(tmp_path, caplog):
+    source = tiny_model()
+    with torch.no_grad():
+        for name, param in source.named_parameters():
+            if "LayerNorm" in name:
+                param.uniform_(0.5, 1.5)  # not the initial ones and zeros: a skipped load would show
+    folder = bert_checkpoint(tmp_path, source, old_layer_norm_names=True)
+    cfg = load_config("demo").model
+    with caplog.at_level("INFO", logger="gritvlp.model"):
+        model = GritVLP(dataclasses.replace(cfg, text_weights=str(folder)))
+    for name, param in source.named_parameters():
+        if name.startswith(("text.", "mlm_head.")) and ".crossattention." not in name:
+            torch.testing.assert_close(model.state_dict()[name], param, msg=name)
+    assert "cross-attention tensors start new" in caplog.text
+
+
+def test_bert_checkpoint_missing_a_text_tensor_is_an_error(tmp_path):
+    folder = bert_checkpoint(tmp_path, tiny_model(), old_layer_norm_names=False, drop="layer.1.output.dense.weight")
+    cfg = load_config("demo").model
+    with pytest.raises(ValueError, match="text.encoder.layer.1.output.dense.weight"):
+        GritVLP(dataclasses.replace(cfg, text_weights=str(folder)))
+
+
+def test_zero3_external_parameters_are_the_tied_decoder_and_the_mlm_bias():
+    model = tiny_model()
+    params = model.zero3_external_parameters()
+    assert params[0] is model.text.embeddings.word_embeddings.weight and params[1] is model.mlm_head.bias

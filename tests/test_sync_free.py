@@ -18,8 +18,9 @@ from torch.utils._pytree import tree_flatten
 
 from gritvlp.config import load_config
 from gritvlp.model.gritvlp import GritVLP
-from gritvlp.sampling.grit import FeatureBank
-from gritvlp.train.trainer import NonFiniteGuard, bank_features, forward_backward
+from gritvlp.objectives.pretraining import PretrainingObjective
+from gritvlp.sampling.bank import FeatureBank
+from gritvlp.train.step import NonFiniteGuard, bank_features, forward_backward
 
 aten = torch.ops.aten
 
@@ -136,20 +137,20 @@ def test_the_recorder_catches_syncing_patterns():
         assert not syncs, (name, syncs)
 
 
-class ModelAsEngine:
+class ObjectiveAsEngine:
     """The two calls of a DeepSpeed engine that the trainer's micro-step makes."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, objective):
+        self.objective = objective
 
     def __call__(self, batch):
-        return self.model(batch)
+        return self.objective(batch)
 
     def backward(self, loss):
         loss.backward()
 
 
-def training_batch(model, b=8, length=12):
+def training_batch(objective, b=8, length=12):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 3000, (b, length), generator=g)
     lengths = torch.randint(4, length + 1, (b,), generator=g)
@@ -164,7 +165,7 @@ def training_batch(model, b=8, length=12):
         "group_id": torch.tensor([0, 0, 1, 2, 3, 4, 5, 6]),  # a duplicate image: same-group negatives excluded
         "index": torch.arange(b),
     }
-    return {**batch, **model.prepare_mlm(ids, torch.Generator().manual_seed(1))}
+    return objective.prepare_batch(batch, torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize(
@@ -179,23 +180,23 @@ def test_training_micro_step_makes_no_host_sync(objectives, monkeypatch):
     monkeypatch.setenv("GRITVLP_KERNELS", "reference")
     cfg = load_config("demo")
     torch.manual_seed(0)
-    model = GritVLP(cfg.model, dataclasses.replace(cfg.objectives, **objectives)).train()
-    batch = training_batch(model)
+    objective = PretrainingObjective(GritVLP(cfg.model), dataclasses.replace(cfg.objectives, **objectives)).train()
+    batch = training_batch(objective)
     guard, bank = NonFiniteGuard(torch.device("cpu")), FeatureBank(64)
 
     with recording_host_syncs() as syncs:
-        out, finite = forward_backward(ModelAsEngine(model), batch, True, guard)
+        out, finite = forward_backward(ObjectiveAsEngine(objective), batch, True, guard)
         bank.add(*bank_features(out, finite), batch["index"])
     assert not syncs, "\n".join(syncs)
-    assert torch.isfinite(out["loss"]) and model.mlm_head.bias.grad.abs().sum() > 0  # the step really ran
+    assert torch.isfinite(out["loss"]) and objective.model.mlm_head.bias.grad.abs().sum() > 0  # the step ran
 
 
 def test_the_slow_path_without_prepared_inputs_is_recorded(monkeypatch):
-    """Sanity of the test above: the model's own MLM preparation (for direct use) does read from the host."""
+    """Sanity of the test above: the objective's own MLM preparation (for direct use) does read from the host."""
     monkeypatch.setenv("GRITVLP_KERNELS", "reference")
     cfg = load_config("demo")
-    model = GritVLP(cfg.model, cfg.objectives).eval()
-    batch = {k: v for k, v in training_batch(model).items() if not k.startswith("mlm_")}
+    objective = PretrainingObjective(GritVLP(cfg.model), cfg.objectives).eval()
+    batch = {k: v for k, v in training_batch(objective).items() if not k.startswith("mlm_")}
     with torch.no_grad(), recording_host_syncs() as syncs:
-        model(batch)
+        objective(batch)
     assert any("nonzero" in s for s in syncs)

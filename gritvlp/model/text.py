@@ -176,8 +176,9 @@ def key_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class MLMHead(nn.Module):
-    """BERT's MLM head (transform + decoder tied to the word embeddings); computes the loss itself, on the
-    labelled rows only, through the fused projection + cross-entropy kernel."""
+    """BERT's MLM head: the transform (dense, GELU, LayerNorm) applied to the rows to predict, and the decoder bias;
+    the decoder weight is the word embeddings' (tied, not registered twice). The vocabulary projection and the
+    cross-entropy are the objective's (gritvlp.objectives.mlm), through the fused masked-LM loss."""
 
     def __init__(self, config: BertConfig, word_embeddings: nn.Embedding):
         super().__init__()
@@ -192,13 +193,6 @@ class MLMHead(nn.Module):
     def decoder_weight(self) -> torch.Tensor:
         return self.word_embeddings[0].weight
 
-    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """hidden [B, L, H]; positions [n] flat indices into the B * L tokens; targets [n] their ids.
-
-        The row count n comes from the host, so gathering is a fixed-size index_select and the kernel is
-        told every row is labelled (ignore_index=None): nothing waits for the device to count.
-        """
-        from gritvlp.kernels import lm_loss
-
-        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
-        return lm_loss(self.transform(rows), self.decoder_weight, self.bias, targets, ignore_index=None)
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        """[n, H] hidden states of the rows to predict -> [n, H] inputs of the vocabulary projection."""
+        return self.transform(rows)

@@ -26,7 +26,8 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_bert_state(folder_or_file: str | Path) -> dict[str, torch.Tensor]:
     """A transformers BERT checkpoint (BertModel or BertForMaskedLM), keys renamed to gritvlp's layout:
-    'bert.' prefixes dropped, 'cls.predictions.' -> 'mlm_head.'."""
+    'bert.' prefixes dropped, 'cls.predictions.' -> 'mlm_head.', and the LayerNorm names of the original
+    bert-base-uncased release ('LayerNorm.gamma' / 'LayerNorm.beta') -> 'LayerNorm.weight' / 'LayerNorm.bias'."""
     path = Path(folder_or_file)
     if path.is_dir():
         files = [path / name for name in BERT_WEIGHT_FILES if (path / name).is_file()]
@@ -35,6 +36,7 @@ def load_bert_state(folder_or_file: str | Path) -> dict[str, torch.Tensor]:
         path = files[0]
     out = {}
     for key, value in load_state_dict_file(path).items():
+        key = _modern_layer_norm_name(key)
         if key.startswith("bert."):
             key = key[len("bert.") :]
         if key.startswith("cls.predictions."):
@@ -43,3 +45,10 @@ def load_bert_state(folder_or_file: str | Path) -> dict[str, torch.Tensor]:
                 continue  # tied to the word embeddings
         out[key] = value
     return out
+
+
+def _modern_layer_norm_name(key: str) -> str:
+    for old, new in ((".gamma", ".weight"), (".beta", ".bias")):
+        if "LayerNorm" in key and key.endswith(old):
+            return key[: -len(old)] + new
+    return key

@@ -1,9 +1,11 @@
-"""Masked language modeling inputs: BERT's 80/10/10 corruption at a configurable mask rate
-(GRIT-VLP: 0.5, ALBEF: 0.15), drawn on the host so the device never has to count masked tokens."""
+"""Masked language modeling: BERT's 80/10/10 corruption at a configurable mask rate (GRIT-VLP: 0.5, ALBEF: 0.15),
+drawn on the host so the device never has to count masked tokens, and the loss on the labelled tokens."""
 
 from __future__ import annotations
 
 import torch
+
+from gritvlp.kernels import lm_loss
 
 IGNORE_INDEX = -100
 MLM_KEYS = ("mlm_input_ids", "mlm_positions", "mlm_targets")
@@ -67,3 +69,11 @@ def prepare_mlm(
     flat_labels = labels.reshape(-1)
     positions = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
     return {"mlm_input_ids": corrupted, "mlm_positions": positions, "mlm_targets": flat_labels[positions]}
+
+
+def masked_lm_loss(mlm_head, fused: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the labelled tokens: fusion states [B, L, H] gathered at the host-computed flat positions
+    [n] (a fixed-size index_select: nothing waits for the device to count them), the head's transform, then the
+    fused vocabulary projection + cross-entropy, told every row is labelled (ignore_index=None)."""
+    rows = fused.reshape(-1, fused.shape[-1]).index_select(0, positions)
+    return lm_loss(mlm_head(rows), mlm_head.decoder_weight, mlm_head.bias, targets, ignore_index=None)
