@@ -13,10 +13,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from gritvlp.model.gritvlp import WEIGHTS_NAME
+
 log = logging.getLogger("gritvlp.export")
 
 FP16_MAX = torch.finfo(torch.float16).max
-WEIGHTS_NAME = "model.safetensors"
+# Checkpoints hold the pre-training objective, which wraps the model as its `model` submodule.
+MODEL_PREFIX = "model."
 
 
 def _tag_folder(checkpoint: Path) -> tuple[Path, str]:
@@ -49,7 +52,14 @@ def fp32_state_dict(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], di
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         weights = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
-    return weights, states["model_config"]
+    return model_weights(weights), states["model_config"]
+
+
+def model_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's own tensors of a checkpoint's state dict (the objective's, whose keys start with 'model.')."""
+    if weights and all(key.startswith(MODEL_PREFIX) for key in weights):
+        return {key[len(MODEL_PREFIX) :]: value for key, value in weights.items()}
+    return weights
 
 
 def to_fp16(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

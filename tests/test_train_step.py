@@ -7,15 +7,19 @@ import torch
 
 from gritvlp.config import load_config
 from gritvlp.model.gritvlp import GritVLP
-from gritvlp.train.trainer import (
+from gritvlp.objectives.pretraining import PretrainingObjective
+from gritvlp.train.step import (
     MAX_CONSECUTIVE_BAD_STEPS,
     NonFiniteGuard,
     bank_features,
     forward_backward,
     step_seed,
     to_device,
-    with_mlm_inputs,
 )
+
+
+def with_mlm_inputs(batch, objective, seed):
+    return objective.prepare_batch(batch, torch.Generator().manual_seed(seed))
 
 CPU = torch.device("cpu")
 
@@ -91,7 +95,7 @@ def test_guard_raises_after_too_many_consecutive_non_finite_losses():
 
 def test_mlm_inputs_are_a_function_of_the_step():
     cfg = load_config("demo")
-    model = GritVLP(cfg.model, cfg.objectives)
+    model = PretrainingObjective(GritVLP(cfg.model), cfg.objectives)
     ids = torch.randint(1000, 3000, (4, 10))
     ids[:, 0] = 101
     batch = {"input_ids": ids, "image": torch.zeros(4, 3, 64, 64)}
@@ -107,6 +111,6 @@ def test_mlm_inputs_are_a_function_of_the_step():
 
 def test_no_mlm_inputs_without_the_mlm_objective():
     cfg = load_config("demo", ["objectives.mlm_weight=0"])
-    model = GritVLP(cfg.model, cfg.objectives)
+    model = PretrainingObjective(GritVLP(cfg.model), cfg.objectives)
     batch = {"input_ids": torch.tensor([[101, 2000, 102]])}
     assert with_mlm_inputs(batch, model, 0) is batch

@@ -16,8 +16,9 @@ log = logging.getLogger("gritvlp.train")
 _OWNED_ELSEWHERE = {"scheduler": "the schedule is set by train.warmup_steps / train.min_lr_ratio"}
 
 
-def load_ds_config(path: str | Path, use_cuda: bool) -> dict:
-    """Reads a DeepSpeed JSON config and adapts it to the machine (fp32 and torch AdamW on CPU)."""
+def load_ds_config(path: str | Path, use_cuda: bool, lr: float | None = None) -> dict:
+    """Reads a DeepSpeed JSON config and adapts it to the machine (fp32 and torch AdamW on CPU); `lr`, when set,
+    replaces the optimizer's learning rate (train.lr of gritvlp's config)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"DeepSpeed config not found: {path}")
@@ -30,6 +31,10 @@ def load_ds_config(path: str | Path, use_cuda: bool) -> dict:
             raise ValueError(f"DeepSpeed config {path}: remove the '{key}' block ({why})")
     if "train_micro_batch_size_per_gpu" not in config:
         raise ValueError(f"DeepSpeed config {path} must set train_micro_batch_size_per_gpu")
+    if config.get("fp16", {}).get("enabled") and config.get("bf16", {}).get("enabled"):
+        raise ValueError(f"DeepSpeed config {path}: enable one of fp16 and bf16, not both")
+    if lr is not None:
+        config.setdefault("optimizer", {}).setdefault("params", {})["lr"] = lr
     if not use_cuda:
         for precision in ("fp16", "bf16"):
             if config.get(precision, {}).get("enabled"):
@@ -41,6 +46,10 @@ def load_ds_config(path: str | Path, use_cuda: bool) -> dict:
             if not zero.get("offload_optimizer", {}).get("device") == "cpu":
                 optimizer.setdefault("params", {})["torch_adam"] = True  # fused CUDA Adam is unavailable
     return config
+
+
+def zero_stage(ds_config: dict) -> int:
+    return ds_config.get("zero_optimization", {}).get("stage", 0)
 
 
 def precision_dtype(ds_config: dict) -> torch.dtype:
@@ -57,7 +66,7 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim < 2 or "norm" in name.lower() or name.endswith(".bias") or name in ("temp",):
+        if param.ndim < 2 or "norm" in name.lower() or name.endswith((".bias", "temp")):
             no_decay.append(param)
         else:
             decay.append(param)
@@ -67,32 +76,34 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float):
-    """Multiplier of the base lr: linear warm-up, then cosine decay to min_ratio."""
+def cosine_with_warmup(total_steps: int, warmup_steps: int, start_ratio: float, min_ratio: float):
+    """Multiplier of the base lr: linear warm-up from start_ratio to 1, then cosine decay to min_ratio.
+    GRIT-VLP / ALBEF: lr 1e-4, warm-up from 1e-5 (start_ratio 0.1), cosine to 1e-5 (min_ratio 0.1)."""
     total_steps = max(1, total_steps)
     warmup_steps = min(warmup_steps, total_steps)
 
     def factor(step: int) -> float:
         if step < warmup_steps:
-            return (step + 1) / warmup_steps
+            return start_ratio + (1 - start_ratio) * (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
 
 
-def build_engine(model, ds_config: dict, total_steps: int, warmup_steps: int, min_lr_ratio: float):
+def build_engine(module, ds_config: dict, total_steps: int, warmup_steps: int, start_ratio: float, min_ratio: float):
+    """The DeepSpeed engine of `module` (the pre-training objective), its optimizer's parameter groups and the
+    learning-rate schedule."""
     import deepspeed
 
     if "optimizer" not in ds_config:
         raise ValueError("DeepSpeed config needs an 'optimizer' block (type AdamW, lr, weight_decay)")
     weight_decay = ds_config["optimizer"].get("params", {}).get("weight_decay", 0.0)
-    groups = parameter_groups(model, weight_decay)
-    schedule = cosine_with_warmup(total_steps, warmup_steps, min_lr_ratio)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model,
-        model_parameters=groups,
+    schedule = cosine_with_warmup(total_steps, warmup_steps, start_ratio, min_ratio)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module,
+        model_parameters=parameter_groups(module, weight_decay),
         config=ds_config,
         lr_scheduler=lambda opt: LambdaLR(opt, schedule),
     )
-    return engine, optimizer, scheduler
+    return engine

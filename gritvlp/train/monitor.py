@@ -1,4 +1,7 @@
-"""Rank-0 monitoring: TensorBoard scalars, a metrics.jsonl file and the progress bar."""
+"""Rank-0 monitoring: the TensorBoard names, a metrics.jsonl file and the progress bar.
+
+Every logged name is written here: loss/*, train/*, similarity/*, perf/*, data/*, grit/*.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,10 @@ import time
 from pathlib import Path
 
 from tqdm import tqdm
+
+LOSS_TERMS = ("itc", "consistency", "itm", "mlm")
+TRAIN_METRICS = ("itm_acc", "temp")
+SIMILARITIES = ("sim_pos", "sim_neg", "sim_itm_neg")
 
 
 class Monitor:
@@ -38,6 +45,24 @@ class Monitor:
         elapsed, self.last_time = now - self.last_time, now
         return elapsed
 
+    def log_train(self, step: int, terms: dict[str, float], **extra: float) -> None:
+        """terms: the objective's scalars averaged over ranks (loss, itc, ..., sim_itm_neg); extra: lr, grad_norm,
+        samples_per_s, step_time_s, skipped_samples."""
+        scalars = {f"loss/{k}": terms[k] for k in LOSS_TERMS if k in terms}
+        scalars["loss/total"] = terms["loss"]
+        scalars.update({f"train/{k}": terms[k] for k in TRAIN_METRICS if k in terms})
+        scalars.update({f"similarity/{k[4:]}": terms[k] for k in SIMILARITIES if k in terms})
+        for name in ("lr", "grad_norm"):
+            if extra.get(name) is not None:
+                scalars[f"train/{name}"] = extra[name]
+        scalars["perf/samples_per_s"] = extra["samples_per_s"]
+        scalars["perf/step_time_s"] = extra["step_time_s"]
+        scalars["data/skipped_samples"] = extra["skipped_samples"]
+        self.log(step, scalars)
+
+    def log_grouping(self, step: int, seconds: float, epoch_seconds: float) -> None:
+        self.log(step, {"grit/grouping_time_s": seconds, "grit/grouping_share": seconds / max(epoch_seconds, 1e-9)})
+
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
             return
@@ -46,7 +71,8 @@ class Monitor:
         self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
         self.jsonl.flush()
         shown = {k.split("/")[-1]: f"{v:.3f}" for k, v in scalars.items() if k in ("loss/total", "loss/itc", "loss/mlm")}
-        self.bar.set_postfix(shown)
+        if shown:
+            self.bar.set_postfix(shown)
 
     def close(self) -> None:
         if self.enabled:

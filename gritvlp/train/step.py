@@ -1,0 +1,91 @@
+"""One micro-step of training, as the trainer and scripts/bench_step.py run it: seeds, the host-to-device copy,
+forward and backward with a device-side finite check, and the features handed to the GRIT bank.
+
+Nothing here makes the host wait for the device: the finite flag stays a device tensor and NonFiniteGuard reads
+its counters only when asked (on logging steps and before checkpoints).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("gritvlp.train")
+MAX_CONSECUTIVE_BAD_STEPS = 20
+
+
+def step_seed(seed: int, micro_step: int, rank: int, stream: str = "") -> int:
+    """Model-side randomness (masking, dropout, sampled negatives) is a pure function of the step, so a
+    resumed run draws exactly what an uninterrupted one would. Each `stream` gets its own seed, so that
+    generators seeded for one step draw independent numbers."""
+    tag = f"{seed}:{micro_step}:{rank}" + (f":{stream}" if stream else "")
+    digest = hashlib.sha256(tag.encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """Asynchronous copies: tensors the loader did not pin (the MLM inputs) are pinned first, because a copy
+    from pageable memory may make the host wait for the device."""
+
+    def pinned(t: torch.Tensor) -> torch.Tensor:
+        return t.pin_memory() if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned() else t
+
+    out = {k: pinned(v).to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+    out["image"] = out["image"].to(dtype)
+    return out
+
+
+class NonFiniteGuard:
+    """Counts non-finite losses on the device, so a step never waits to learn whether its loss was finite.
+
+    `consecutive` is the run of non-finite micro-steps ending at the latest one, `in_window` how many there
+    were since the last check. check() reads both (max over ranks) where the host synchronises anyway:
+    logging steps, checkpoints and the end of the run.
+    """
+
+    def __init__(self, device: torch.device, consecutive: int = 0, global_step: int = 0):
+        self.consecutive = torch.tensor(consecutive, dtype=torch.long, device=device)
+        self.in_window = torch.zeros((), dtype=torch.long, device=device)
+        self.checked_step = global_step
+
+    def update(self, finite: torch.Tensor) -> None:
+        self.consecutive = torch.where(finite, 0, self.consecutive + 1)
+        self.in_window += (~finite).long()
+
+    def check(self, global_step: int) -> int:
+        """Warns about non-finite losses since the last check; raises FloatingPointError after
+        MAX_CONSECUTIVE_BAD_STEPS in a row (before any checkpoint of their weights is written).
+        Returns the consecutive count."""
+        counts = torch.stack([self.consecutive, self.in_window])
+        if dist.is_initialized():
+            dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+        consecutive, in_window = counts.tolist()
+        self.in_window.zero_()
+        if in_window and (not dist.is_initialized() or dist.get_rank() == 0):
+            log.warning(
+                "%d non-finite losses in steps %d-%d: each was replaced by zero before backward",
+                in_window, self.checked_step + 1, global_step,
+            )  # fmt: skip
+        self.checked_step = global_step
+        if consecutive >= MAX_CONSECUTIVE_BAD_STEPS:
+            raise FloatingPointError(f"{consecutive} consecutive non-finite losses; the last checkpoint is kept intact")
+        return consecutive
+
+
+def forward_backward(engine, batch: dict, usable: bool, guard: NonFiniteGuard) -> tuple[dict, torch.Tensor]:
+    """One micro-step's forward and backward; a non-finite loss (or a stand-in batch) backpropagates zero.
+    Returns the objective's outputs and the device flag of a finite loss."""
+    out = engine(batch)
+    finite = torch.isfinite(out["loss"])
+    guard.update(finite)
+    engine.backward(torch.where(finite, out["loss"], 0.0) * (1.0 if usable else 0.0))
+    return out, finite
+
+
+def bank_features(out: dict, finite: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's features for the GRIT bank, zeroed where the step or the value is not finite (a zero feature
+    is equally similar to every sample; a NaN would poison the grouping)."""
+    return tuple(torch.where(finite & torch.isfinite(f), f, 0.0) for f in (out["image_feat"], out["text_feat"]))
