@@ -1,4 +1,5 @@
-"""Times GRIT grouping (gritvlp.sampling.grit) against a straightforward per-step loop, in the same run.
+"""Times GRIT grouping as training runs it (gritvlp.sampling.schedule.GritSchedule: a full bank grouped into the next
+epoch's order) against a straightforward per-step loop, in the same run.
 
 The loop is the way the GRIT-VLP reference code groups a search space: softmax similarity matrices with the diagonal
 zeroed, then per step a top-1 over the current row, the chosen index read back to the host, the visited row and
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gritvlp.sampling.grit import grit_epoch_order
+from gritvlp.sampling.schedule import GritSchedule
 
 
 def reference_grouping(img: torch.Tensor, txt: torch.Tensor, temp: float = 0.07) -> list[int]:
@@ -53,13 +54,17 @@ def features(n: int, dim: int, device: torch.device, dtype: torch.dtype) -> tupl
 
 
 def time_ours(img, txt, args, repeats: int) -> float:
+    """Seconds for the training path: a GritSchedule whose bank holds all n samples builds the next epoch's order
+    (the flush groups the bank, then the order is arranged). Best of `repeats` after a warm-up."""
     n, device = img.shape[0], img.device
     idx = torch.arange(n, device=device)
     times = []
     for r in range(repeats + 1):  # the first run warms up
+        schedule = GritSchedule(n, args.batch_size, 1, bank_size=n, search_space=args.search_space, seed=r)
+        schedule.bank.add(img, txt, idx)
         sync(device)
         t0 = time.perf_counter()
-        order = grit_epoch_order(img, txt, idx, n, args.batch_size, args.search_space, seed=0, epoch=r)
+        order = schedule.next_epoch_order(1)
         sync(device)
         times.append(time.perf_counter() - t0)
     assert order.numel() == n

@@ -13,7 +13,7 @@ Variants, on the same model:
   plain                    ITC without consistency, ITM negatives sampled, 15% MLM, no feature bank (ALBEF);
   grit                     consistency 0.2, hardest negatives, 50% MLM, the bank add each step (GRIT-VLP);
   grit_reference_kernels   grit with GRITVLP_KERNELS=reference: the plain PyTorch loss kernels.
-Grouping (gritvlp.sampling.grit.grit_epoch_order) runs once per L = sampling.bank_size samples; it is timed once on
+Grouping (gritvlp.sampling.schedule.GritSchedule building the next order from a full bank) runs once per L = sampling.bank_size samples; it is timed once on
 L random features in search spaces of M = sampling.search_space and charged to each step as t * B / L.
 
 Per variant: median step time over --steps after --warmup, samples/s, peak memory (CUDA), model FLOPs of one
@@ -44,9 +44,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from gritvlp.config import load_config
 from gritvlp.model.gritvlp import GritVLP
-from gritvlp.sampling.grit import FeatureBank, grit_epoch_order
+from gritvlp.objectives.pretraining import PretrainingObjective
+from gritvlp.sampling.bank import FeatureBank
+from gritvlp.sampling.schedule import GritSchedule
 from gritvlp.train.engine import parameter_groups
-from gritvlp.train.trainer import NonFiniteGuard, bank_features, forward_backward, step_seed, to_device, with_mlm_inputs
+from gritvlp.train.step import NonFiniteGuard, bank_features, forward_backward, step_seed, to_device
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,7 +148,8 @@ class SyntheticBatches:
     """Device images (random normalised pixels) and host captions; each step draws its MLM inputs on the host from
     the step's seed and copies the text to the device, as the trainer does."""
 
-    def __init__(self, model: GritVLP, batch: int, max_tokens: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, objective: PretrainingObjective, batch: int, max_tokens: int, device, dtype):
+        model = objective.model
         g = torch.Generator().manual_seed(0)
         size = model.config.image_size
         self.images = [torch.randn(batch, 3, size, size, device=device).to(dtype) for _ in range(2)]
@@ -157,24 +160,25 @@ class SyntheticBatches:
         if device.type == "cuda":  # the loader pins what it returns
             self.captions = [{k: v.pin_memory() for k, v in c.items()} for c in self.captions]
             self.host_extra = {k: v.pin_memory() for k, v in self.host_extra.items()}
-        self.model, self.device, self.dtype = model, device, dtype
+        self.objective, self.device, self.dtype = objective, device, dtype
 
     def __call__(self, step: int) -> dict:
         host = {**self.captions[step % HOST_BATCHES], **self.host_extra, "image": self.images[step % 2]}
         mlm_seed = step_seed(0, step, rank=0, stream="mlm")
-        return to_device(with_mlm_inputs(host, self.model, mlm_seed), self.device, self.dtype)
+        host = self.objective.prepare_batch(host, torch.Generator().manual_seed(mlm_seed))
+        return to_device(host, self.device, self.dtype)
 
 
 # -- one training step -------------------------------------------------------------------------------------------------
 class AutocastEngine:
     """The two calls of a DeepSpeed engine that the trainer's micro-step makes: forward under autocast, backward."""
 
-    def __init__(self, model: GritVLP, dtype: torch.dtype, device: torch.device):
-        self.model, self.dtype, self.device = model, dtype, device
+    def __init__(self, objective: PretrainingObjective, dtype: torch.dtype, device: torch.device):
+        self.objective, self.dtype, self.device = objective, dtype, device
 
     def __call__(self, batch: dict) -> dict:
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            return self.model(batch)
+            return self.objective(batch)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -206,15 +210,15 @@ class StepRunner:
 def build_runner(cfg, variant: dict, args, device, dtype, settings) -> StepRunner:
     torch.manual_seed(0)
     objectives = dataclasses.replace(cfg.objectives, **variant["objectives"])
-    model = GritVLP(cfg.model, objectives).to(device).train()
+    objective = PretrainingObjective(GritVLP(cfg.model), objectives).to(device).train()
     optimizer = torch.optim.AdamW(
-        parameter_groups(model, settings["weight_decay"]), lr=settings["lr"], betas=settings["betas"],
+        parameter_groups(objective, settings["weight_decay"]), lr=settings["lr"], betas=settings["betas"],
         eps=settings["eps"], fused=True,
     )  # fmt: skip
     bank = FeatureBank(cfg.sampling.bank_size) if variant["bank"] else None
-    batches = SyntheticBatches(model, args.batch, cfg.data.max_tokens, device, dtype)
-    params = [p for p in model.parameters() if p.requires_grad]
-    engine = AutocastEngine(model, dtype, device)
+    batches = SyntheticBatches(objective, args.batch, cfg.data.max_tokens, device, dtype)
+    params = [p for p in objective.parameters() if p.requires_grad]
+    engine = AutocastEngine(objective, dtype, device)
     return StepRunner(engine, optimizer, params, settings["gradient_clipping"], bank, batches, NonFiniteGuard(device))
 
 
@@ -332,19 +336,21 @@ def run_variant(name: str, cfg, args, device, dtype, settings, peak, flops_by_ob
 
 
 def time_grouping(cfg, batch: int, device: torch.device) -> dict:
-    """grit_epoch_order on a bank of L random normalised fp16 features (as the bank stores them), timed once after a
-    warm-up on one search space; per step it costs t * B / L."""
+    """The training path (GritSchedule building the next order from a full bank of L random normalised features,
+    stored in fp16 on the device as the bank stores them), timed after a warm-up on one search space; per step it
+    costs t * B / L."""
     bank, space, dim = cfg.sampling.bank_size, cfg.sampling.search_space, cfg.model.embed_dim
     g = torch.Generator().manual_seed(0)
-    image = F.normalize(torch.randn(bank, dim, generator=g), dim=-1)
-    text = F.normalize(image + torch.randn(bank, dim, generator=g), dim=-1)
-    image, text = image.to(device, torch.float16), text.to(device, torch.float16)
+    image = F.normalize(torch.randn(bank, dim, generator=g), dim=-1).to(device)
+    text = F.normalize(image.cpu() + torch.randn(bank, dim, generator=g), dim=-1).to(device)
     index = torch.arange(bank, device=device)
 
     def group(n: int) -> float:
+        schedule = GritSchedule(n, batch, 1, bank_size=n, search_space=space)
+        schedule.bank.add(image[:n], text[:n], index[:n])
         synchronize(device)
         t0 = time.perf_counter()
-        grit_epoch_order(image[:n], text[:n], index[:n], n, batch, space)
+        schedule.next_epoch_order(1)
         synchronize(device)
         return time.perf_counter() - t0
 

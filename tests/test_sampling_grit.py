@@ -6,15 +6,26 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from gritvlp.sampling.grit import (
-    FeatureBank,
-    bank_capacity,
-    check_grit_sizes,
-    grit_epoch_order,
-    group_search_space,
-    group_search_spaces,
-)
-from gritvlp.sampling.order import EpochBatchSampler
+from gritvlp.sampling.bank import FeatureBank
+from gritvlp.sampling.grouping import arrange, check_grit_sizes, group_bank, group_search_spaces
+from gritvlp.sampling.order import EpochBatchSampler, epoch_generator
+
+
+def walk(img, txt, start=None, group_ids=None, generator=None):
+    """The visiting order of one search space."""
+    groups = None if group_ids is None else group_ids[None]
+    first = None if start is None else torch.tensor([start])
+    return group_search_spaces(img[None], txt[None], group_ids=groups, generator=generator, start=first)[0]
+
+
+def epoch_order(img, txt, idx, n, b, search_space, shuffle_batches=True, group_ids=None, seed=0, epoch=0, **kwargs):
+    """An epoch order from one bank, as GritSchedule builds it: group the bank, then missing samples and arrangement."""
+    if search_space % b:
+        raise ValueError(f"search_space={search_space} must be a positive multiple of batch_size={b}")
+    gen = epoch_generator(seed, epoch)
+    grouped, seen = group_bank(img, txt, idx, n, search_space, group_ids, gen, **kwargs)
+    missing = (~seen).nonzero().flatten()
+    return arrange(grouped, missing[torch.randperm(missing.numel(), generator=gen)], b, shuffle_batches, gen)
 
 
 def unit(degrees):
@@ -43,17 +54,17 @@ def test_walk_alternates_on_hand_example():
     txt = unit([100, 10, 200, 45])
     # start 0: image 0deg -> nearest text 10deg (1); text 10deg -> nearest image 20deg (2); image 20deg -> text (3).
     # (always image->text would give 0, 1, then image 90deg -> text 45deg (3), i.e. [0, 1, 3, 2])
-    assert group_search_space(img, txt, start=0).tolist() == [0, 1, 2, 3]
+    assert walk(img, txt, start=0).tolist() == [0, 1, 2, 3]
     # start 3: image 190deg -> text 200deg (2); text 200deg -> images 0/90deg: 90deg (1); then 0.
-    assert group_search_space(img, txt, start=3).tolist() == [3, 2, 1, 0]
+    assert walk(img, txt, start=3).tolist() == [3, 2, 1, 0]
     # samples 0 and 1 share an image: from image 0deg, text 10deg (1) is masked, so text 45deg (3), then image 20deg.
-    assert group_search_space(img, txt, start=0, group_ids=torch.tensor([5, 5, 6, 7])).tolist() == [0, 3, 2, 1]
+    assert walk(img, txt, start=0, group_ids=torch.tensor([5, 5, 6, 7])).tolist() == [0, 3, 2, 1]
 
 
 def test_group_search_space_is_permutation_and_seeded():
     img, txt = clustered(200)
-    a = group_search_space(img, txt, generator=torch.Generator().manual_seed(1))
-    b = group_search_space(img, txt, generator=torch.Generator().manual_seed(1))
+    a = walk(img, txt, generator=torch.Generator().manual_seed(1))
+    b = walk(img, txt, generator=torch.Generator().manual_seed(1))
     assert is_perm(a, 200) and torch.equal(a, b)
 
 
@@ -94,7 +105,7 @@ def in_batch_similarity(order, img, txt, b):
 def test_grouped_batches_are_more_similar_than_random():
     n, b = 960, 16
     img, txt = clustered(n, clusters=6)
-    order = grit_epoch_order(img, txt, torch.arange(n), n, b, search_space=320, seed=0, epoch=1)
+    order = epoch_order(img, txt, torch.arange(n), n, b, search_space=320, seed=0, epoch=1)
     assert is_perm(order, n)
     grouped = in_batch_similarity(order, img, txt, b)
     random = in_batch_similarity(torch.randperm(n, generator=torch.Generator().manual_seed(0)), img, txt, b)
@@ -105,11 +116,11 @@ def test_epoch_order_deterministic_and_epoch_dependent():
     img, txt = clustered(300)
     idx = torch.randperm(300, generator=torch.Generator().manual_seed(2))
     args = (img.half(), txt.half(), idx, 300, 10, 60)
-    a, b = grit_epoch_order(*args, seed=3, epoch=2), grit_epoch_order(*args, seed=3, epoch=2)
+    a, b = epoch_order(*args, seed=3, epoch=2), epoch_order(*args, seed=3, epoch=2)
     assert torch.equal(a, b)
-    assert not torch.equal(a, grit_epoch_order(*args, seed=3, epoch=3))
+    assert not torch.equal(a, epoch_order(*args, seed=3, epoch=3))
     # unshuffled batches and small chunks (one search space at a time) still give a permutation
-    assert is_perm(grit_epoch_order(*args, shuffle_batches=False, max_elements=1, seed=3, epoch=2), 300)
+    assert is_perm(epoch_order(*args, shuffle_batches=False, max_elements=1, seed=3, epoch=2), 300)
 
 
 def test_epoch_order_covers_samples_missing_from_bank():
@@ -118,7 +129,7 @@ def test_epoch_order_covers_samples_missing_from_bank():
     bank = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:347]
     bank = torch.cat([bank, bank[:5]])  # a sample padded twice into the bank appears once in the order
     for shuffle in (True, False):
-        order = grit_epoch_order(img[bank], txt[bank], bank, n, b, search_space=64, shuffle_batches=shuffle)
+        order = epoch_order(img[bank], txt[bank], bank, n, b, search_space=64, shuffle_batches=shuffle)
         assert is_perm(order, n)
         # every full batch is either all from the bank (grouped) or all missing: groups stay intact
         in_bank = torch.isin(order, bank)[: n // b * b].view(-1, b)
@@ -129,7 +140,7 @@ def test_group_ids_in_epoch_order():
     n = 240
     img, txt = clustered(n, noise=0.05)
     groups = torch.arange(n) // 5
-    order = grit_epoch_order(
+    order = epoch_order(
         img, txt, torch.arange(n), n, 8, search_space=240, shuffle_batches=False, group_ids=groups, seed=1
     )
     assert is_perm(order, n)
@@ -140,9 +151,9 @@ def test_group_ids_in_epoch_order():
 def test_bad_sizes():
     img, txt = clustered(100)
     with pytest.raises(ValueError, match="multiple of batch_size"):
-        grit_epoch_order(img, txt, torch.arange(100), 100, 8, search_space=20)
+        epoch_order(img, txt, torch.arange(100), 100, 8, search_space=20)
     with pytest.raises(ValueError, match="larger than the bank"):
-        grit_epoch_order(img, txt, torch.arange(100), 100, 10, search_space=200)
+        epoch_order(img, txt, torch.arange(100), 100, 10, search_space=200)
     with pytest.raises(ValueError, match="bank size L=1000"):
         check_grit_sizes(1000, 192, 64, 4)
     with pytest.raises(ValueError, match="search space M=100 must be a positive multiple of the batch size B=64"):
@@ -150,9 +161,6 @@ def test_bad_sizes():
     with pytest.raises(ValueError, match="B=1"):
         check_grit_sizes(1000, 100, 1)
     check_grit_sizes(48000, 1920, 128, 4)
-    sampler = EpochBatchSampler(1000, 16, world_size=4)  # 16 batches of 16 per rank
-    assert bank_capacity(sampler, 96) == 288
-    check_grit_sizes(bank_capacity(sampler, 96), 96, 16, 4)
 
 
 def test_feature_bank_add_overflow_and_state():
@@ -191,8 +199,8 @@ def _gather_worker(rank, world, path):
     img, txt = clustered(290)
     idx = torch.randperm(300, generator=torch.Generator().manual_seed(0))[:290]
     args = (img, txt, idx, 300, 10, 40)
-    sharded = grit_epoch_order(*args, seed=1, epoch=3)
-    assert torch.equal(sharded, grit_epoch_order(*args, seed=1, epoch=3, distributed=False))
+    sharded = epoch_order(*args, seed=1, epoch=3)
+    assert torch.equal(sharded, epoch_order(*args, seed=1, epoch=3, distributed=False))
     everywhere = [torch.empty_like(sharded) for _ in range(world)]
     dist.all_gather(everywhere, sharded)
     assert all(torch.equal(o, sharded) for o in everywhere)
@@ -208,7 +216,7 @@ def test_epoch_flow_two_ranks():
     n, b, world, m = 203, 8, 2, 32
     img, txt = clustered(n, clusters=4)
     samplers = [EpochBatchSampler(n, b, rank=r, world_size=world, seed=5) for r in range(world)]
-    banks = [FeatureBank(bank_capacity(samplers[0], m)) for _ in range(world)]
+    banks = [FeatureBank(len(samplers[0]) * b) for _ in range(world)]
     for sampler, bank in zip(samplers, banks):
         sampler.set_epoch(0)
         for batch in sampler:
@@ -216,7 +224,7 @@ def test_epoch_flow_two_ranks():
                 bank.add(img[batch], txt[batch], torch.tensor(batch))
             sampler.advance()
     gathered = [torch.cat(parts) for parts in zip(*(bank.gather() for bank in banks))]  # what all_gather returns
-    order = grit_epoch_order(*gathered, n, b, m, seed=5, epoch=1)
+    order = epoch_order(*gathered, n, b, m, seed=5, epoch=1)
     batches = set(map(tuple, order[: n // b * b].view(-1, b).tolist()))
     for sampler in samplers:
         sampler.set_epoch(1, order)

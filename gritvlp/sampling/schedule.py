@@ -1,5 +1,6 @@
-"""The GRIT schedule: during epoch e, features go into a bank of L samples per rank; each time the banks are
-full they are gathered from all ranks and grouped, and the grouped mini-batches become epoch e+1's order.
+"""The GRIT schedule: during epoch e, features go into a bank of L samples per rank; every L / B micro-steps
+(the banks are then full, on every rank at once) they are gathered from all ranks and grouped, and the grouped
+mini-batches become epoch e+1's order.
 
 Every rank holds the same grouped order (grouping is a collective), so the next epoch is re-partitioned
 across ranks; samples never seen (skipped, or the padding of a last step) fill random batches, so every
@@ -12,7 +13,8 @@ import time
 
 import torch
 
-from gritvlp.sampling.grit import FeatureBank, _arrange, check_grit_sizes, group_bank
+from gritvlp.sampling.bank import FeatureBank
+from gritvlp.sampling.grouping import arrange, check_grit_sizes, group_bank
 from gritvlp.sampling.order import epoch_generator
 
 
@@ -82,7 +84,7 @@ class GritSchedule:
         grouped = torch.cat([torch.empty(0, dtype=torch.long), *self.grouped])
         rest = torch.cat([*self.leftover, (~self.seen).nonzero().flatten()])
         rest = rest[torch.randperm(rest.numel(), generator=gen)]
-        order = _arrange(grouped, rest, self.batch_size, self.shuffle_batches, gen)
+        order = arrange(grouped, rest, self.batch_size, self.shuffle_batches, gen)
         self._reset_epoch()
         return order
 

@@ -1,0 +1,193 @@
+"""GRIT grouping: greedy walks over search spaces of similar samples, and the grouped order they make."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .bank import _collective_device, _distributed
+
+# Normalised similarities lie in [-1, 1]; same-group candidates get a score below any real one, so they are picked
+# only when nothing else is left; visited candidates get -inf and are never picked.
+_SAME_GROUP_SCORE = -4.0
+# Elements of the [S, M, M] similarity batch materialised at once (2**28: 512 MiB in fp16, 1 GiB in fp32).
+MAX_SIM_ELEMENTS = 2**28
+
+
+@torch.no_grad()
+def group_search_spaces(
+    image_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    counts: torch.Tensor | None = None,
+    group_ids: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    start: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Greedy GRIT grouping of S search spaces at once: image_feat, text_feat [S, M, D]; returns [S, M] visiting orders.
+
+    Each walk starts at a random sample, then alternately goes to the unvisited sample whose text is most similar to
+    the current image, and to the unvisited sample whose image is most similar to the current text. `counts` [S]
+    (optional) marks spaces holding fewer than M real samples (the first counts[s]); their order lists the real
+    samples first, the rest is meaningless. `group_ids` [S, M] (optional): a sample of the current one's group is
+    picked only when no other unvisited sample is left. `start` [S] (optional) fixes the first samples instead of
+    drawing them from `generator`. One [S, M, M] similarity product, then M - 1 steps of device ops with no host
+    synchronisation.
+    """
+    s, m, _ = image_feat.shape
+    device = image_feat.device
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    img = F.normalize(image_feat.float(), dim=-1).to(dtype)
+    txt = F.normalize(text_feat.float(), dim=-1).to(dtype)
+    sim = torch.bmm(img, txt.transpose(1, 2))  # sim[s, i, j] = image i . text j
+    del img, txt
+    sim.nan_to_num_(nan=_SAME_GROUP_SCORE)  # a NaN feature must not win an argmax over visited samples
+    if group_ids is not None:
+        g = group_ids.to(device)
+        sim.masked_fill_(g[:, :, None] == g[:, None, :], _SAME_GROUP_SCORE)
+    arange_m = torch.arange(m, device=device)
+    penalty = torch.zeros(s, m, dtype=dtype, device=device)  # 0 for candidates, -inf once visited
+    if counts is None:
+        counts = torch.full((s,), m, dtype=torch.long)
+    counts = counts.to(device)
+    penalty.masked_fill_(arange_m[None, :] >= counts[:, None], float("-inf"))
+    if start is None:
+        rand = torch.rand(s, generator=generator, device=generator.device if generator is not None else "cpu")
+        cur = (rand.to(device) * counts).long().clamp_(max=m - 1)
+    else:
+        cur = torch.as_tensor(start, dtype=torch.long).to(device)
+    rows = torch.arange(s, device=device)
+    order = torch.empty(s, m, dtype=torch.long, device=device)
+    order[:, 0] = cur
+    threads = torch.get_num_threads()
+    if device.type == "cpu":  # thousands of tiny steps: OpenMP barriers cost more than they save, badly so under load
+        torch.set_num_threads(1)
+    try:
+        for t in range(1, m):
+            penalty[rows, cur] = float("-inf")
+            # odd steps: texts similar to the current image (row); even: images similar to the current text (column)
+            scores = sim[rows, cur] if t % 2 else sim[rows, :, cur]
+            cur = (scores + penalty).argmax(dim=1)
+            order[:, t] = cur
+    finally:
+        torch.set_num_threads(threads)
+    return order
+
+
+def check_grit_sizes(bank_size: int, search_space: int, batch_size: int, world_size: int = 1) -> None:
+    """Validates the GRIT sizes of a configuration; raises ValueError naming the size that breaks the rule.
+
+    L = bank_size (samples kept per rank for one epoch, at least len(sampler) * batch_size), M = search_space,
+    B = batch_size (per rank). Rules: B >= 2; M a multiple of B (a search space is cut into whole mini-batches);
+    L a multiple of M (each rank's bank is cut into whole search spaces; the gathered bank of L * world_size samples
+    then holds L * world_size / M of them). At run time the bank may hold fewer samples than L (skipped samples, the
+    last step); group_bank handles that with a smaller last search space.
+    """
+    L, M, B, W = bank_size, search_space, batch_size, world_size  # noqa: N806
+    if W < 1:
+        raise ValueError(f"world_size must be >= 1, got {W}")
+    if B < 2:
+        raise ValueError(f"batch size B={B} must be >= 2")
+    if M < B or M % B:
+        raise ValueError(f"search space M={M} must be a positive multiple of the batch size B={B}")
+    if L < M or L % M:
+        raise ValueError(f"bank size L={L} (per rank) must be a positive multiple of the search space M={M}")
+
+
+def _group_rows(image_feat, text_feat, rows, groups, counts, starts, max_elements):
+    """Groups the search spaces rows [S, M] (bank rows) a chunk of spaces at a time; returns [S, M] on CPU."""
+    m, device = rows.shape[1], image_feat.device
+    per_chunk = max(1, max_elements // (m * m))
+    orders = [torch.empty(0, m, dtype=torch.long)]
+    for lo in range(0, rows.shape[0], per_chunk):
+        sl = slice(lo, lo + per_chunk)
+        r = rows[sl].to(device)
+        g = None if groups is None else groups[sl].to(device)
+        orders.append(group_search_spaces(image_feat[r], text_feat[r], counts[sl], g, start=starts[sl]).cpu())
+    return torch.cat(orders)
+
+
+def _group_sharded(image_feat, text_feat, rows, groups, counts, starts, max_elements):
+    """Each rank groups a contiguous share of the search spaces; the walks are all_gathered to every rank."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    s, m = rows.shape
+    share = -(-s // world)
+    sl = slice(rank * share, (rank + 1) * share)
+    g = None if groups is None else groups[sl]
+    local = _group_rows(image_feat, text_feat, rows[sl], g, counts[sl], starts[sl], max_elements)
+    buf = torch.zeros(share, m, dtype=torch.long)
+    buf[: local.shape[0]] = local
+    buf = buf.to(_collective_device())
+    parts = [torch.empty_like(buf) for _ in range(world)]
+    dist.all_gather(parts, buf)
+    return torch.cat(parts).cpu()[:s]
+
+
+@torch.no_grad()
+def group_bank(
+    image_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    indices: torch.Tensor,
+    num_samples: int,
+    search_space: int,
+    group_ids: torch.Tensor | None,
+    gen: torch.Generator,
+    distributed: bool | None = None,
+    max_elements: int = MAX_SIM_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Groups a gathered bank: returns (dataset indices in visiting order, search space after search space, on CPU;
+    a bool mask [num_samples] of the samples it held).
+
+    The bank (duplicate indices keep their first entry) is shuffled and cut into search spaces of `search_space`
+    samples (the last one smaller when the bank is not a multiple), each grouped by group_search_spaces on the
+    features' device, in chunks of at most `max_elements` similarity entries. `group_ids` [num_samples]
+    (same-image duplicates): same-group samples are never picked as each other's most similar next sample.
+    Deterministic given `gen`. With `distributed` (default: when torch.distributed is initialised with more than one
+    rank) it is a collective: every rank calls it with the same gathered bank, groups 1/world of the search spaces,
+    and the walks are all_gathered, so all ranks return the identical order.
+    Raises ValueError when search_space is larger than the bank.
+    """
+    idx = torch.as_tensor(indices).detach().flatten().to("cpu", torch.long)
+    if idx.numel() and (idx.min() < 0 or idx.max() >= num_samples):
+        raise ValueError(f"bank indices must lie in [0, {num_samples})")
+    first = torch.full((num_samples,), idx.numel(), dtype=torch.long)
+    first.scatter_reduce_(0, idx, torch.arange(idx.numel()), reduce="amin")  # first bank row of each index
+    keep = first[first < idx.numel()]
+    if search_space > keep.numel():
+        raise ValueError(f"search_space={search_space} is larger than the bank ({keep.numel()} distinct samples)")
+    rows = keep[torch.randperm(keep.numel(), generator=gen)]  # example-level shuffle
+    n, m = rows.numel(), search_space
+    s = -(-n // m)
+    pad = s * m - n
+    rows_padded = torch.cat([rows, rows[:pad]]).view(s, m)  # padding entries are never visited (counts)
+    counts = torch.full((s,), m, dtype=torch.long)
+    counts[-1] = m - pad
+    starts = (torch.rand(s, generator=gen) * counts).long().clamp_(max=m - 1)
+    groups = None
+    if group_ids is not None:
+        groups = torch.as_tensor(group_ids).to("cpu", torch.long)[idx[rows_padded]]
+    group = _group_sharded if (_distributed() if distributed is None else distributed) else _group_rows
+    walk = group(image_feat, text_feat, rows_padded, groups, counts, starts, max_elements)
+    visited = idx[rows_padded.gather(1, walk)]  # dataset indices in visiting order
+    return torch.cat([visited[:-1].flatten(), visited[-1, : counts[-1]]]), first < idx.numel()
+
+
+def arrange(grouped, missing, batch_size, shuffle_batches, gen):
+    """An epoch order: the full batches of `grouped` (visiting order) and of `missing` (samples no bank held, in random
+    batches of their own), shuffled together when `shuffle_batches` (else grouped batches keep their order and the
+    missing ones go to random positions), then the few samples of partial batches last, where the sampler's final,
+    partial step takes them."""
+    b = batch_size
+    n_g, n_m = grouped.numel() // b * b, missing.numel() // b * b
+    # grouped is laid out search space by search space; only the last space can end in a partial batch
+    full_g, full_m = grouped[:n_g].view(-1, b), missing[:n_m].view(-1, b)
+    if shuffle_batches:
+        batches = torch.cat([full_g, full_m])
+        batches = batches[torch.randperm(batches.shape[0], generator=gen)]
+    else:
+        total = full_g.shape[0] + full_m.shape[0]
+        is_missing = torch.zeros(total, dtype=torch.bool)
+        is_missing[torch.randperm(total, generator=gen)[: full_m.shape[0]]] = True
+        batches = torch.empty(total, b, dtype=torch.long)
+        batches[~is_missing], batches[is_missing] = full_g, full_m
+    return torch.cat([batches.flatten(), grouped[n_g:], missing[n_m:]])
