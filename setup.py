@@ -8,13 +8,14 @@ PACKAGES = [
     "gritvlp.data",
     "gritvlp.train",
     "gritvlp.eval",
+    "gritvlp.filtering",
     "gritvlp.kernels",
 ]
 
 setup(
     name="gritvlp",
     version="0.1.0",
-    description="Vision-language pre-training with GRIT-VLP, FLM and DiHT objectives on DeepSpeed, "
+    description="Vision-language pre-training with GRIT-VLP and DiHT objectives on DeepSpeed, "
     "with fused Triton kernels",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -44,5 +45,7 @@ setup(
     extras_require={
         "dev": ["pytest>=7", "ruff"],
         "bench": ["liger-kernel"],
+        # CAT filtering (scripts/filter_cat.py); also needs a spaCy model and the tesseract-ocr binary
+        "filter": ["pytesseract", "spacy"],
     },
 )
