@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 from torch.utils.flop_counter import FlopCounterMode
 
 from gritvlp.config import load_config
@@ -82,7 +83,8 @@ def parse_args(argv):
     )
     parser.add_argument("--sync-check-steps", type=int, default=3, help="CUDA steps under sync debug mode")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/step_<device>.json)")
-    parser.add_argument("--profile", type=Path, default=None, help="CUDA: profile 3 grit steps, kernel table here")
+    parser.add_argument("--breakdown-steps", type=int, default=3, help="steps profiled for the per-phase breakdown")
+    parser.add_argument("--profile", type=Path, default=None, help="write each variant's profiler table beside PATH")
     args = parser.parse_args(argv)
     unknown = set(args.variants.split(",")) - set(VARIANTS)
     if unknown:
@@ -177,11 +179,13 @@ class AutocastEngine:
         self.objective, self.dtype, self.device = objective, dtype, device
 
     def __call__(self, batch: dict) -> dict:
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            return self.objective(batch)
+        with record_function("gritvlp.forward"):
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                return self.objective(batch)
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        with record_function("gritvlp.backward"):
+            loss.backward()
 
 
 @dataclasses.dataclass
@@ -195,16 +199,19 @@ class StepRunner:
     guard: NonFiniteGuard
 
     def __call__(self, step: int) -> None:
-        batch = self.batches(step)
+        with record_function("gritvlp.data"):
+            batch = self.batches(step)
         out, finite = forward_backward(self.engine, batch, True, self.guard)
-        if self.clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with record_function("gritvlp.optimizer"):
+            if self.clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         if self.bank is not None:
-            if len(self.bank) + batch["index"].numel() > self.bank.capacity:
-                self.bank.reset()  # training groups and empties it here; grouping is charged separately
-            self.bank.add(*bank_features(out, finite), batch["index"])
+            with record_function("gritvlp.bank"):
+                if len(self.bank) + batch["index"].numel() > self.bank.capacity:
+                    self.bank.reset()  # training groups and empties it here; grouping is charged separately
+                self.bank.add(*bank_features(out, finite), batch["index"])
 
 
 def build_runner(cfg, variant: dict, args, device, dtype, settings) -> StepRunner:
@@ -278,23 +285,46 @@ def sync_check(run: StepRunner, first_step: int, steps: int, device: torch.devic
     return {"steps": steps, "host_syncs": len(syncs), "sync_free": not syncs, "where": where}
 
 
-def profile_steps(run: StepRunner, first_step: int, steps: int, path: Path) -> dict:
-    """Profiles a few steps: the kernel table goes to `path`; returns the share of GPU time in matrix products."""
+# The profiler ranges of a step: bench_step's own (data, forward, backward, optimizer, bank) and the objective's
+# parts inside forward (gritvlp.objectives.pretraining); their backward kernels count under gritvlp.backward.
+PHASES = ("data", "forward", "vision", "text", "itc", "itm", "mlm", "backward", "optimizer", "bank")
+
+
+def breakdown(run: StepRunner, first_step: int, steps: int, device: torch.device, table: Path | None) -> dict:
+    """Milliseconds per step in each phase, from the profiler over `steps` steps: time of the device kernels
+    launched inside the range on CUDA, host time on CPU. Also the share of the device time in matrix products
+    and attention, and (with `table`) the profiler's kernel table written there."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
         for i in range(steps):
             run(first_step + i)
-        torch.cuda.synchronize()
+        synchronize(device)
     events = prof.key_averages()
-    kernel_us = {e.key: e.self_device_time_total for e in events if e.device_type.name == "CUDA"}
-    total = sum(kernel_us.values())
-    matmul = sum(t for k, t in kernel_us.items() if any(m in k.lower() for m in ("gemm", "xmma", "cutlass", "nvjet")))
-    attention = sum(t for k, t in kernel_us.items() if any(m in k.lower() for m in ("flash", "fmha", "attention")))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(events.table(sort_by="self_device_time_total", row_limit=40))
-    return {"steps": steps, "gpu_ms_per_step": total / steps / 1e3, "matmul_share": matmul / max(total, 1),
-            "attention_share": attention / max(total, 1), "table": str(path)}  # fmt: skip
+    attr = "device_time_total" if cuda else "cpu_time_total"
+    phases = {e.key[len("gritvlp.") :]: getattr(e, attr) / steps / 1e3 for e in events if e.key.startswith("gritvlp.")}
+    result = {
+        "steps": steps,
+        "clock": "device" if cuda else "host",
+        "ms_per_step": {k: phases.get(k, 0.0) for k in PHASES},
+    }
+    if cuda:
+        kernel_us = {e.key: e.self_device_time_total for e in events if e.device_type.name == "CUDA"}
+        total = max(sum(kernel_us.values()), 1)
+        matmul = sum(
+            t for k, t in kernel_us.items() if any(m in k.lower() for m in ("gemm", "xmma", "cutlass", "nvjet"))
+        )
+        attention = sum(t for k, t in kernel_us.items() if any(m in k.lower() for m in ("flash", "fmha", "attention")))
+        result.update(
+            gpu_ms_per_step=total / steps / 1e3, matmul_share=matmul / total, attention_share=attention / total
+        )
+    if table is not None:
+        table.parent.mkdir(parents=True, exist_ok=True)
+        sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+        table.write_text(events.table(sort_by=sort, row_limit=40))
+    return result
 
 
 def run_variant(name: str, cfg, args, device, dtype, settings, peak, flops_by_objectives: dict) -> dict:
@@ -313,8 +343,10 @@ def run_variant(name: str, cfg, args, device, dtype, settings, peak, flops_by_ob
         peak_bytes = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         syncs = sync_check(run, args.warmup + args.steps, args.sync_check_steps, device)
         profiled = None
-        if args.profile is not None and device.type == "cuda" and name == "grit":
-            profiled = profile_steps(run, args.warmup + args.steps + args.sync_check_steps, 3, args.profile)
+        if args.breakdown_steps > 0:
+            table = None if args.profile is None else args.profile.with_name(f"{args.profile.stem}_{name}.txt")
+            first = args.warmup + args.steps + args.sync_check_steps
+            profiled = breakdown(run, first, args.breakdown_steps, device, table)
         run.guard.check(args.warmup + args.steps)  # a diverged benchmark is an error, not a figure
     median = statistics.median(times)
     achieved = flops / median / 1e12
@@ -331,7 +363,7 @@ def run_variant(name: str, cfg, args, device, dtype, settings, peak, flops_by_ob
         "achieved_tflops": achieved,
         "mfu": None if peak is None or device.type != "cuda" else achieved / peak,
         "sync_check": syncs,
-        "profile": profiled,
+        "breakdown": profiled,
     }
 
 
@@ -413,6 +445,20 @@ def print_table(report: dict) -> None:
         )
     for key, value in report["ratios"].items():
         print(f"{key}: {value:.3f}")
+    print_breakdown(report["variants"])
+
+
+def print_breakdown(variants: dict) -> None:
+    """Milliseconds per step by phase, one column per variant (device time on CUDA, host time on CPU)."""
+    profiled = {name: r["breakdown"] for name, r in variants.items() if r.get("breakdown")}
+    if not profiled:
+        return
+    clock = next(iter(profiled.values()))["clock"]
+    print(f"\nper-step breakdown, ms of {clock} time ({', '.join(profiled)}):")
+    for phase in PHASES:
+        indent = "  " if phase in ("vision", "text", "itc", "itm", "mlm") else ""
+        cells = " ".join(f"{b['ms_per_step'][phase]:10.2f}" for b in profiled.values())
+        print(f"  {indent + phase:12s} {cells}")
 
 
 def main(argv=None) -> dict:

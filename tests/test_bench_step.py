@@ -19,13 +19,18 @@ def load_script():
 def test_bench_step_on_cpu_writes_every_variant(tmp_path):
     bench = load_script()
     out = tmp_path / "step_cpu.json"
-    bench.main(["--config", "demo", "--batch", "8", "--steps", "1", "--warmup", "0", "--device", "cpu", "--out", str(out)])
+    bench.main(["--config", "demo", "--batch", "8", "--steps", "1", "--warmup", "0", "--device", "cpu",
+                "--breakdown-steps", "1", "--out", str(out)])  # fmt: skip
     report = json.loads(out.read_text())
     assert set(report["variants"]) == {"plain", "grit", "grit_reference_kernels"}
     for name, result in report["variants"].items():
         assert "error" not in result, (name, result)
         assert result["step_s_median"] > 0 and result["samples_per_s"] > 0 and result["flops_per_step"] > 0
         assert result["mfu"] is None  # no peak to compare with on a CPU
+        phases = result["breakdown"]["ms_per_step"]
+        assert all(phases[p] > 0 for p in ("forward", "vision", "text", "itm", "mlm", "backward", "optimizer"))
+        assert phases["vision"] + phases["text"] <= phases["forward"]  # parts of the forward range
+        assert (phases["bank"] > 0) == (name != "plain")  # only GRIT fills a feature bank
     # 50% MLM costs more vocabulary projections than 15%: the FLOP count sees the objectives
     assert report["variants"]["grit"]["flops_per_step"] > report["variants"]["plain"]["flops_per_step"]
     assert report["grouping"]["per_step_s"] > 0

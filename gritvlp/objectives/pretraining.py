@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.profiler import record_function
 
 from gritvlp.config import ObjectivesConfig
 from gritvlp.model.gritvlp import GritVLP
@@ -51,30 +52,36 @@ class PretrainingObjective(nn.Module):
         """Losses of one batch (keys: image, input_ids, attention_mask, group_id, and the MLM inputs of
         prepare_batch). Returns 'loss' (the weighted total), each term, metrics and the detached features for the
         GRIT bank. Without the MLM inputs they are drawn here, after copying input_ids to the host: the slow path
-        (on CUDA the copy waits for the device), for direct use."""
+        (on CUDA the copy waits for the device), for direct use. Each part runs in a profiler range
+        (gritvlp.vision, .text, .itc, .itm, .mlm), which scripts/bench_step.py reads for its breakdown."""
         cfg, model = self.config, self.model
-        image_embeds, image_feat = model.encode_image(batch["image"])
-        text_hidden, text_feat = model.encode_text(batch["input_ids"], batch["attention_mask"])
-        temp = model.temperature()
-        terms = contrastive_terms(image_feat, text_feat, temp, _group_ids(batch), cfg)
-        out = {
-            "itc": (terms.loss_i2t + terms.loss_t2i) / 2,
-            "consistency": consistency(terms).detach(),
-            "temp": temp.detach(),
-            "image_feat": image_feat.detach(),
-            "text_feat": text_feat.detach(),
-            **similarity_stats(image_feat.detach(), text_feat.detach(), terms.neg_text_for_image),
-        }
-        total = cfg.itc_weight * ita(terms, cfg.consistency_weight)
+        with record_function("gritvlp.vision"):
+            image_embeds, image_feat = model.encode_image(batch["image"])
+        with record_function("gritvlp.text"):
+            text_hidden, text_feat = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        with record_function("gritvlp.itc"):
+            temp = model.temperature()
+            terms = contrastive_terms(image_feat, text_feat, temp, _group_ids(batch), cfg)
+            out = {
+                "itc": (terms.loss_i2t + terms.loss_t2i) / 2,
+                "consistency": consistency(terms).detach(),
+                "temp": temp.detach(),
+                "image_feat": image_feat.detach(),
+                "text_feat": text_feat.detach(),
+                **similarity_stats(image_feat.detach(), text_feat.detach(), terms.neg_text_for_image),
+            }
+            total = cfg.itc_weight * ita(terms, cfg.consistency_weight)
         if cfg.itm_weight > 0:
-            pairs = itm_pairs(image_embeds, text_hidden, batch["attention_mask"], terms.neg_text_for_image,
-                              terms.neg_image_for_text)  # fmt: skip
-            logits = model.itm_logits(pairs.images, pairs.texts, pairs.attention_mask)
-            out["itm"], out["itm_acc"] = itm_loss(logits, pairs.labels, pairs.weights)
-            total = total + cfg.itm_weight * out["itm"]
+            with record_function("gritvlp.itm"):
+                pairs = itm_pairs(image_embeds, text_hidden, batch["attention_mask"], terms.neg_text_for_image,
+                                  terms.neg_image_for_text)  # fmt: skip
+                logits = model.itm_logits(pairs.images, pairs.texts, pairs.attention_mask)
+                out["itm"], out["itm_acc"] = itm_loss(logits, pairs.labels, pairs.weights)
+                total = total + cfg.itm_weight * out["itm"]
         if cfg.mlm_weight > 0:
-            out["mlm"] = self._mlm(batch, image_embeds)
-            total = total + cfg.mlm_weight * out["mlm"]
+            with record_function("gritvlp.mlm"):
+                out["mlm"] = self._mlm(batch, image_embeds)
+                total = total + cfg.mlm_weight * out["mlm"]
         out["loss"] = total
         return out
 

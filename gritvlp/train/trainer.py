@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from gritvlp.config import Config, save_config
 from gritvlp.data.collate import Collator
@@ -168,7 +169,8 @@ class Trainer:
         """One micro-step: forward, backward, the bank add, DeepSpeed's step; on an optimiser-step boundary the
         logging and checkpoint of that step."""
         self.sampler.advance()
-        batch, usable = self._device_batch(host_batch)
+        with record_function("gritvlp.data"):
+            batch, usable = self._device_batch(host_batch)
         torch.manual_seed(step_seed(self.cfg.train.seed, self.state.micro_step, self.rank))
         out, finite = forward_backward(self.engine, batch, usable, self.guard)
         if self.schedule is not None:
@@ -176,7 +178,8 @@ class Trainer:
                 self.schedule.add(*bank_features(out, finite), batch["index"])
             self.grouping_seconds += self.schedule.tick(self.state.epoch)  # every rank, every micro-step
         lr = self.engine.get_lr()[0]  # the rate this step uses; step() advances the schedule
-        self.engine.step()
+        with record_function("gritvlp.optimizer"):
+            self.engine.step()
         self.state.micro_step += 1
         self.window.samples += host_batch["input_ids"].shape[0] if usable else 0
         if self.state.micro_step % self.grad_accum:
