@@ -1,0 +1,35 @@
+"""A trained model for evaluation, from an fp16 export folder or a DeepSpeed training checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def is_export_folder(path: str | Path) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def load_model(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32):
+    """A GritVLP in eval mode: an export folder (config.json + model.safetensors) through from_pretrained,
+    else a checkpoints folder (its 'latest' tag) or one tag folder, any ZeRO stage, consolidated to fp32."""
+    from gritvlp.export import fp32_state_dict
+    from gritvlp.model.gritvlp import GritVLP
+
+    if is_export_folder(path):
+        return GritVLP.from_pretrained(path, dtype=dtype, device=device).eval()
+    weights, model_config = fp32_state_dict(path)
+    model = GritVLP.from_config_dict(model_config)
+    model.load_state_dict(weights, strict=True)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_model_tokenizer(path: str | Path, model):
+    """The tokenizer saved beside an export, else the one the model's config names."""
+    from gritvlp.data.text import load_tokenizer
+
+    folder = Path(path)
+    if is_export_folder(folder) and ((folder / "tokenizer.json").is_file() or (folder / "vocab.txt").is_file()):
+        return load_tokenizer(str(folder))
+    return load_tokenizer(model.config.tokenizer)
