@@ -136,6 +136,21 @@ class DataConfig:
 
 
 @dataclass
+class EvalConfig:
+    # Zero-shot retrieval on a held-out set every `every_epochs` epochs (0: never), logged under eval/*.
+    # Empty test_shards: the demo set's test split when training on the demo set, else no evaluation.
+    test_shards: str = ""
+    every_epochs: int = 1
+    k_test: int = 128  # candidates re-ranked by ITM per query (ALBEF: 256 COCO, 128 Flickr30k)
+    batch_size: int = 64
+    hard_negatives: bool = True  # the demo's hard-negative accuracy (one attribute or the relation changed)
+
+    def __post_init__(self) -> None:
+        _positive("eval", self, "k_test", "batch_size")
+        _require(self.every_epochs >= 0, "eval.every_epochs", "must be >= 0", self.every_epochs)
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = "runs/demo"
     epochs: int = 20
@@ -170,6 +185,7 @@ class Config:
     objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:

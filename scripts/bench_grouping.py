@@ -64,7 +64,7 @@ def time_ours(img, txt, args, repeats: int) -> float:
         schedule.bank.add(img, txt, idx)
         sync(device)
         t0 = time.perf_counter()
-        order = schedule.next_epoch_order(1)
+        order = torch.cat(schedule.next_epoch_batches(1, torch.arange(n)))
         sync(device)
         times.append(time.perf_counter() - t0)
     assert order.numel() == n
@@ -86,7 +86,7 @@ def time_reference(img, txt, args, spaces: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--bank", type=int, default=48000, help="L: samples grouped (gathered bank)")
+    p.add_argument("--bank", type=int, default=48000, help="L: samples grouped (one rank's bank)")
     p.add_argument("--large", action="store_true", help="also time L=192000")
     p.add_argument("--search-space", type=int, default=1920, help="M")
     p.add_argument("--dim", type=int, default=256, help="D")
@@ -126,7 +126,7 @@ def main() -> None:
         k = min(spaces, args.reference_spaces or spaces)
         ref_k = time_reference(img, txt, args, k)
         ref = ref_k * spaces / k
-        # per rank: ours groups 1/GPUs of the global bank's search spaces, the reference its own N / GPUs samples
+        # per rank: ours groups its own bank of L samples, L at a time, as the reference loop does its N / GPUs
         ours_epoch = ours * n_epoch / args.gpus / bank
         ref_epoch = ref * n_epoch / args.gpus / bank
         row = {

@@ -382,7 +382,7 @@ def time_grouping(cfg, batch: int, device: torch.device) -> dict:
         schedule.bank.add(image[:n], text[:n], index[:n])
         synchronize(device)
         t0 = time.perf_counter()
-        schedule.next_epoch_order(1)
+        schedule.next_epoch_batches(1, torch.arange(n))
         synchronize(device)
         return time.perf_counter() - t0
 

@@ -2,13 +2,11 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from gritvlp.sampling.bank import FeatureBank
-from gritvlp.sampling.grouping import arrange, check_grit_sizes, group_bank, group_search_spaces
-from gritvlp.sampling.order import EpochBatchSampler, epoch_generator
+from gritvlp.sampling.grouping import check_grit_sizes, group_search_spaces
+from gritvlp.sampling.schedule import GritSchedule
 
 
 def walk(img, txt, start=None, group_ids=None, generator=None):
@@ -18,14 +16,13 @@ def walk(img, txt, start=None, group_ids=None, generator=None):
     return group_search_spaces(img[None], txt[None], group_ids=groups, generator=generator, start=first)[0]
 
 
-def epoch_order(img, txt, idx, n, b, search_space, shuffle_batches=True, group_ids=None, seed=0, epoch=0, **kwargs):
-    """An epoch order from one bank, as GritSchedule builds it: group the bank, then missing samples and arrangement."""
-    if search_space % b:
-        raise ValueError(f"search_space={search_space} must be a positive multiple of batch_size={b}")
-    gen = epoch_generator(seed, epoch)
-    grouped, seen = group_bank(img, txt, idx, n, search_space, group_ids, gen, **kwargs)
-    missing = (~seen).nonzero().flatten()
-    return arrange(grouped, missing[torch.randperm(missing.numel(), generator=gen)], b, shuffle_batches, gen)
+def epoch_order(img, txt, idx, n, b, search_space, shuffle_batches=True, group_ids=None, seed=0, epoch=0):
+    """The next epoch's order on one rank, as training builds it: a bank holding `idx`, grouped, then the samples
+    it lacks in random batches, dealt out as the epoch's batches (flattened here)."""
+    bank = max(search_space, -(-idx.numel() // search_space) * search_space)
+    schedule = GritSchedule(n, b, 1, bank, search_space, shuffle_batches, group_ids, seed)
+    schedule.bank.add(img, txt, idx)
+    return torch.cat(schedule.next_epoch_batches(epoch, torch.arange(n)))
 
 
 def unit(degrees):
@@ -119,8 +116,7 @@ def test_epoch_order_deterministic_and_epoch_dependent():
     a, b = epoch_order(*args, seed=3, epoch=2), epoch_order(*args, seed=3, epoch=2)
     assert torch.equal(a, b)
     assert not torch.equal(a, epoch_order(*args, seed=3, epoch=3))
-    # unshuffled batches and small chunks (one search space at a time) still give a permutation
-    assert is_perm(epoch_order(*args, shuffle_batches=False, max_elements=1, seed=3, epoch=2), 300)
+    assert is_perm(epoch_order(*args, shuffle_batches=False, seed=3, epoch=2), 300)
 
 
 def test_epoch_order_covers_samples_missing_from_bank():
@@ -149,11 +145,6 @@ def test_group_ids_in_epoch_order():
 
 
 def test_bad_sizes():
-    img, txt = clustered(100)
-    with pytest.raises(ValueError, match="multiple of batch_size"):
-        epoch_order(img, txt, torch.arange(100), 100, 8, search_space=20)
-    with pytest.raises(ValueError, match="larger than the bank"):
-        epoch_order(img, txt, torch.arange(100), 100, 10, search_space=200)
     with pytest.raises(ValueError, match="bank size L=1000"):
         check_grit_sizes(1000, 192, 64, 4)
     with pytest.raises(ValueError, match="search space M=100 must be a positive multiple of the batch size B=64"):
@@ -171,63 +162,16 @@ def test_feature_bank_add_overflow_and_state():
     assert len(bank) == 8 and bank.image.dtype == torch.float16
     with pytest.raises(RuntimeError, match="full"):
         bank.add(img[8:], txt[8:], torch.arange(8, 10))
-    i, t, x = bank.gather()
+    i, t, x = bank.local()
     assert torch.equal(x, torch.arange(8)) and torch.allclose(i.float(), img[:8], atol=1e-3)
     state = bank.state_dict()
     restored = FeatureBank(8)
     restored.load_state_dict(state)
-    assert all(torch.equal(a, b) for a, b in zip(restored.gather(), bank.gather()))
+    assert all(torch.equal(a, b) for a, b in zip(restored.local(), bank.local()))
     restored.reset()
-    assert len(restored) == 0 and restored.gather()[2].numel() == 0
+    assert len(restored) == 0 and restored.local()[2].numel() == 0
 
     dropping = FeatureBank(5, overflow="drop")
     with pytest.warns(UserWarning, match="full"):
         dropping.add(img[:7], txt[:7], torch.arange(7))
     assert len(dropping) == 5 and dropping.dropped == 2
-
-
-def _gather_worker(rank, world, path):
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
-    bank = FeatureBank(8)
-    n = [3, 0, 5][rank]  # varying sizes, one rank empty
-    if n:
-        bank.add(torch.full((n, 4), float(rank)), torch.full((n, 4), -float(rank)), torch.arange(n) + 10 * rank)
-    img, txt, idx = bank.gather()
-    assert idx.tolist() == [0, 1, 2, 20, 21, 22, 23, 24]
-    assert img[:, 0].tolist() == [0] * 3 + [2] * 5 and torch.equal(txt, -img)
-    # sharded grouping (each rank groups a share of the search spaces) gives the single-process order on every rank
-    img, txt = clustered(290)
-    idx = torch.randperm(300, generator=torch.Generator().manual_seed(0))[:290]
-    args = (img, txt, idx, 300, 10, 40)
-    sharded = epoch_order(*args, seed=1, epoch=3)
-    assert torch.equal(sharded, epoch_order(*args, seed=1, epoch=3, distributed=False))
-    everywhere = [torch.empty_like(sharded) for _ in range(world)]
-    dist.all_gather(everywhere, sharded)
-    assert all(torch.equal(o, sharded) for o in everywhere)
-    dist.destroy_process_group()
-
-
-def test_distributed_gather_and_sharded_grouping(tmp_path):
-    mp.spawn(_gather_worker, args=(3, str(tmp_path / "init")), nprocs=3)
-
-
-def test_epoch_flow_two_ranks():
-    """One epoch as the trainer runs it: banks fill, the next order is grouped, each rank gets whole grouped batches."""
-    n, b, world, m = 203, 8, 2, 32
-    img, txt = clustered(n, clusters=4)
-    samplers = [EpochBatchSampler(n, b, rank=r, world_size=world, seed=5) for r in range(world)]
-    banks = [FeatureBank(len(samplers[0]) * b) for _ in range(world)]
-    for sampler, bank in zip(samplers, banks):
-        sampler.set_epoch(0)
-        for batch in sampler:
-            if batch[0] % 10:  # some batches are lost (e.g. unreadable): their samples are missing from the bank
-                bank.add(img[batch], txt[batch], torch.tensor(batch))
-            sampler.advance()
-    gathered = [torch.cat(parts) for parts in zip(*(bank.gather() for bank in banks))]  # what all_gather returns
-    order = epoch_order(*gathered, n, b, m, seed=5, epoch=1)
-    batches = set(map(tuple, order[: n // b * b].view(-1, b).tolist()))
-    for sampler in samplers:
-        sampler.set_epoch(1, order)
-        for batch in list(sampler)[:-1]:
-            assert tuple(batch) in batches
-    assert is_perm([i for sampler in samplers for batch in sampler for i in batch], n)

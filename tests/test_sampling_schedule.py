@@ -1,9 +1,11 @@
-"""The GRIT schedule over an epoch: banks flushed every L samples, the next epoch's order, resume."""
+"""The GRIT schedule over an epoch: each rank groups its own bank, batches are dealt out again, resume."""
 
 import copy
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from gritvlp.sampling.order import EpochBatchSampler
@@ -21,68 +23,71 @@ def clustered_features(n=N, clusters=5, dim=16, seed=0):
     return F.normalize(centres[cluster] + noise(), dim=-1), F.normalize(centres[cluster] + noise(), dim=-1), cluster
 
 
-def run_epoch(schedule, sampler, image, text, stop_after=None):
+def run_epoch(schedule, sampler, image, text, stop_after=None, lost=()):
+    """Feeds the epoch's batches to the schedule as training does; samples in `lost` never reach the bank."""
     for step, batch in enumerate(sampler):
         sampler.advance()
-        idx = torch.tensor(batch)
+        idx = torch.tensor([i for i in batch if i not in lost], dtype=torch.long)
         schedule.add(image[idx], text[idx], idx)
         schedule.tick(sampler.epoch)
         if stop_after is not None and step + 1 == stop_after:
-            return False
-    return True
+            return
+
+
+def purity(batches, cluster):
+    stacked = torch.stack([b for b in batches if b.numel() == B])
+    return (cluster[stacked] == cluster[stacked][:, :1]).float().mean().item()
 
 
 def make(bank=20, space=20, seed=0):
     return GritSchedule(N, B, 1, bank_size=bank, search_space=space, seed=seed), EpochBatchSampler(N, B, seed=seed)
 
 
-def test_next_order_is_a_permutation_and_groups_similar_samples():
+def test_next_epoch_is_every_sample_once_in_grouped_batches():
     image, text, cluster = clustered_features()
     schedule, sampler = make()
     sampler.set_epoch(0)
     run_epoch(schedule, sampler, image, text)
-    order = schedule.next_epoch_order(1)
-    assert sorted(order.tolist()) == list(range(N))
-    batches = order.view(-1, B)
-    purity = lambda bs: (cluster[bs] == cluster[bs][:, :1]).float().mean().item()  # noqa: E731
-    random_batches = torch.randperm(N, generator=torch.Generator().manual_seed(1)).view(-1, B)
-    assert purity(batches) > purity(random_batches) + 0.3
+    batches = schedule.next_epoch_batches(1, sampler.own_samples())
+    assert len(batches) == len(sampler)
+    assert sorted(torch.cat(batches).tolist()) == list(range(N))
+    random_batches = list(torch.randperm(N, generator=torch.Generator().manual_seed(1)).view(-1, B))
+    assert purity(batches, cluster) > purity(random_batches, cluster) + 0.3
 
 
-def test_padding_samples_are_grouped_once():
-    image, text, _ = clustered_features(n=N)
-    schedule = GritSchedule(N, B, 3, bank_size=8, search_space=8)
-    # 3 ranks: the last step of 100 samples is padded with re-used samples; feed every rank's batches here.
-    samplers = [EpochBatchSampler(N, B, rank=r, world_size=3) for r in range(3)]
-    for s in samplers:
-        s.set_epoch(0)
-    for batches in zip(*samplers):
-        for batch in batches:
-            idx = torch.tensor(batch)
-            schedule.bank.capacity = 10**6  # one process stands in for three ranks' banks
-            schedule.add(image[idx], text[idx], idx)
-        schedule.tick(0)
-    order = schedule.next_epoch_order(1)
-    assert sorted(order.tolist()) == list(range(N))
+def test_samples_never_banked_fill_random_batches():
+    image, text, _ = clustered_features()
+    schedule, sampler = make()
+    sampler.set_epoch(0)
+    lost = set(range(0, N, 7))  # e.g. unreadable: the collator dropped them
+    run_epoch(schedule, sampler, image, text, lost=lost)
+    batches = schedule.next_epoch_batches(1, sampler.own_samples())
+    assert sorted(torch.cat(batches).tolist()) == list(range(N))
+    # a dealt batch is all grouped or all lost: groups are not diluted. Only the epoch's tail (each flush's last,
+    # partial batch and the lost samples' remainder: under B each, 6 runs here) mixes them.
+    for batch in batches[:-6]:
+        in_lost = [int(i) in lost for i in batch]
+        assert all(in_lost) or not any(in_lost)
+    assert sum(all(int(i) in lost for i in batch) for batch in batches) >= len(lost) // B - 1
 
 
-def test_resume_mid_epoch_builds_the_same_order():
+def test_resume_mid_epoch_builds_the_same_batches():
     image, text, _ = clustered_features()
     schedule, sampler = make()
     sampler.set_epoch(0)
     run_epoch(schedule, sampler, image, text)
-    expected = schedule.next_epoch_order(1)
+    expected = schedule.next_epoch_batches(1, sampler.own_samples())
 
     schedule, sampler = make()
     sampler.set_epoch(0)
     run_epoch(schedule, sampler, image, text, stop_after=12)  # 48 samples: two flushes of 20, 8 in the bank
-    saved = copy.deepcopy((schedule.state_dict(), schedule.bank.state_dict(), sampler.state_dict()))
+    saved = copy.deepcopy((schedule.state_dict(), sampler.state_dict()))
     schedule, sampler = make()
     schedule.load_state_dict(saved[0])
-    schedule.bank.load_state_dict(saved[1])
-    sampler.load_state_dict(saved[2])
+    sampler.load_state_dict(saved[1])
     run_epoch(schedule, sampler, image, text)
-    assert torch.equal(schedule.next_epoch_order(1), expected)
+    resumed = schedule.next_epoch_batches(1, sampler.own_samples())
+    assert all(torch.equal(a, b) for a, b in zip(resumed, expected)) and len(resumed) == len(expected)
 
 
 def test_sizes_are_checked():
@@ -90,3 +95,51 @@ def test_sizes_are_checked():
         GritSchedule(N, B, 1, bank_size=20, search_space=10)
     with pytest.raises(ValueError, match="bank size L=30"):
         GritSchedule(N, B, 1, bank_size=30, search_space=20)
+
+
+class Traffic:
+    """Records every collective's tensors: what crosses between ranks."""
+
+    def __init__(self):
+        self.tensors = []
+
+    def wrap(self, fn):
+        def recorded(*args, **kwargs):
+            self.tensors += [t for t in args if torch.is_tensor(t)] + [t for a in args if isinstance(a, list) for t in a]
+            return fn(*args, **kwargs)
+
+        return recorded
+
+
+def _three_ranks(rank, world, path, out, n):
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    traffic = Traffic()
+    for name in ("all_gather", "all_to_all_single"):
+        setattr(dist, name, traffic.wrap(getattr(dist, name)))
+    image, text, cluster = clustered_features(n)
+    sampler = EpochBatchSampler(n, B, rank=rank, world_size=world, seed=4)
+    schedule = GritSchedule(n, B, world, bank_size=24, search_space=24, seed=4, rank=rank)
+    sampler.set_epoch(0)
+    run_epoch(schedule, sampler, image, text)
+    batches = schedule.next_epoch_batches(1, sampler.own_samples())
+    sampler.set_epoch(1, batches)  # the same number of batches on every rank, or this raises
+    features_sent = sum(t.numel() for t in traffic.tensors if t.is_floating_point())
+    indices_sent = sum(t.numel() for t in traffic.tensors if not t.is_floating_point())
+    torch.save({"batches": batches, "floats": features_sent, "ints": indices_sent}, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_three_ranks_group_their_own_banks_and_exchange_only_indices(tmp_path):
+    n, world = 203, 3
+    mp.spawn(_three_ranks, args=(world, str(tmp_path / "init"), tmp_path, n), nprocs=world)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    every = torch.cat([torch.cat(r["batches"]) for r in results])
+    assert sorted(every.tolist()) == list(range(n))  # the next epoch is one permutation across the ranks
+    assert len({len(r["batches"]) for r in results}) == 1
+    _, _, cluster = clustered_features(n)
+    random = list(torch.randperm(n, generator=torch.Generator().manual_seed(0))[: n // B * B].view(-1, B))
+    grouped = [b for r in results for b in r["batches"]]
+    assert purity(grouped, cluster) > purity(random, cluster) + 0.3
+    for r in results:
+        assert r["floats"] == 0  # no feature crossed between ranks ...
+        assert r["ints"] < 3 * n  # ... only indices (and their slots and counts): a few per sample

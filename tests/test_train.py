@@ -93,6 +93,12 @@ def test_two_process_zero2_run_logs_every_term(zero2_run):
     assert tags == ["global_step3", "global_step6"]
     assert (run / "checkpoints" / "latest").read_text().strip() == "global_step6"
     assert (run / "export_fp16" / "model.safetensors").is_file()
+    # zero-shot retrieval on the demo's held-out split: after epoch 0 (step 4) and on the final model (step 6)
+    evaluated = {step: m for step, m in metrics.items() if "eval/r_mean" in m}
+    assert sorted(evaluated) == [4, 6]
+    for m in evaluated.values():
+        assert 0 <= m["eval/txt_r1"] <= m["eval/txt_r5"] <= m["eval/txt_r10"] <= 100
+        assert m["eval/best_r_mean"] >= m["eval/r_mean"] and "eval/hard_itm_colour" in m
 
 
 def test_killed_run_resumes_exactly(zero2_run):
@@ -114,15 +120,19 @@ def test_killed_run_resumes_exactly(zero2_run):
     for step in (4, 5, 6):  # the resume crosses into epoch 1, which runs in the grouped order
         for key in ("loss/total", "loss/itc", "loss/itm", "loss/mlm"):
             assert resumed[step][key] == pytest.approx(full[step][key], rel=1e-5, abs=1e-6), (step, key)
-    # Epoch 1 ran in the grouped order built from epoch 0's features, half of them restored from the banks.
-    orders = [client_state(r / "checkpoints" / "global_step6")["sampler"] for r in (tmp / "full", run)]
-    assert orders[0]["epoch"] == 1 and orders[0]["order"] is not None
-    assert torch.equal(orders[0]["order"], orders[1]["order"])
-    assert sorted(orders[0]["order"].tolist()) == list(range(64))
+    # Epoch 1 ran in the grouped batches built from epoch 0's features, half of them restored from the banks;
+    # each rank's batches are in its own state file, and together they are every sample once.
+    epoch1 = []
+    for rank in range(2):
+        samplers = [rank_state(r / "checkpoints" / "global_step6", rank)["sampler"] for r in (tmp / "full", run)]
+        assert samplers[0]["epoch"] == 1 and samplers[0]["batches"] is not None
+        assert torch.equal(samplers[0]["batches"]["samples"], samplers[1]["batches"]["samples"])
+        epoch1 += samplers[0]["batches"]["samples"].tolist()
+    assert sorted(epoch1) == list(range(64))
 
 
-def client_state(tag: Path) -> dict:
-    return torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+def rank_state(tag: Path, rank: int) -> dict:
+    return torch.load(tag / f"gritvlp_rank{rank:05d}.pt", map_location="cpu", weights_only=False)
 
 
 def test_grit_epoch_is_grouped_and_logged(zero2_run):

@@ -6,16 +6,6 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.distributed as dist
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _collective_device() -> torch.device:
-    """CUDA for NCCL, CPU otherwise (gloo)."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 class FeatureBank:
@@ -28,9 +18,9 @@ class FeatureBank:
     batches like any sample missing from the bank. The schedule flushes the bank every capacity / batch_size
     micro-steps, so it never overflows in training.
 
-    `gather()` returns all ranks' banks concatenated in rank order (all_gather when torch.distributed is initialised,
-    varying sizes handled), else the local bank. `state_dict()` holds the collected features on CPU so a mid-epoch
-    checkpoint keeps them; it is per rank (save one per rank).
+    The bank never leaves its rank: the schedule groups each rank's bank where it is, and only dataset indices
+    travel between ranks. `state_dict()` holds the collected features on CPU so a mid-epoch checkpoint keeps them;
+    it is per rank (saved in each rank's own checkpoint file).
     """
 
     def __init__(self, capacity: int, dtype: torch.dtype = torch.float16, overflow: str = "error"):
@@ -85,29 +75,6 @@ class FeatureBank:
             empty = torch.empty(0, 0, dtype=self.dtype)
             return empty, empty.clone(), torch.empty(0, dtype=torch.long)
         return self.image[: self.size], self.text[: self.size], self.index[: self.size]
-
-    @torch.no_grad()
-    def gather(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(image [n, D], text [n, D], index [n]) of all ranks, rank 0 first; the local bank when not distributed."""
-        img, txt, idx = self.local()
-        if not _distributed():
-            return img, txt, idx
-        device = _collective_device()
-        img, txt, idx = img.to(device), txt.to(device), idx.to(device)
-        meta = torch.tensor([img.shape[0], img.shape[1]], dtype=torch.long, device=device)
-        metas = [torch.empty_like(meta) for _ in range(dist.get_world_size())]
-        dist.all_gather(metas, meta)
-        sizes, dim = [int(m[0]) for m in metas], max(int(m[1]) for m in metas)
-        feats = torch.zeros(max(sizes), 2, dim, dtype=self.dtype, device=device)
-        index = torch.zeros(max(sizes), dtype=torch.long, device=device)
-        if img.shape[0]:
-            feats[: img.shape[0], 0], feats[: img.shape[0], 1], index[: img.shape[0]] = img, txt, idx
-        feats_all = [torch.empty_like(feats) for _ in sizes]
-        index_all = [torch.empty_like(index) for _ in sizes]
-        dist.all_gather(feats_all, feats)
-        dist.all_gather(index_all, index)
-        feats = torch.cat([f[:n] for f, n in zip(feats_all, sizes)])
-        return feats[:, 0], feats[:, 1], torch.cat([i[:n] for i, n in zip(index_all, sizes)])
 
     def reset(self) -> None:
         """Empties the bank (keeps the allocation); call after the next epoch's order is built."""

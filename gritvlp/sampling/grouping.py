@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-
-from .bank import _collective_device, _distributed
 
 # Normalised similarities lie in [-1, 1]; same-group candidates get a score below any real one, so they are picked
 # only when nothing else is left; visited candidates get -inf and are never picked.
@@ -107,56 +104,34 @@ def _group_rows(image_feat, text_feat, rows, groups, counts, starts, max_element
     return torch.cat(orders)
 
 
-def _group_sharded(image_feat, text_feat, rows, groups, counts, starts, max_elements):
-    """Each rank groups a contiguous share of the search spaces; the walks are all_gathered to every rank."""
-    world, rank = dist.get_world_size(), dist.get_rank()
-    s, m = rows.shape
-    share = -(-s // world)
-    sl = slice(rank * share, (rank + 1) * share)
-    g = None if groups is None else groups[sl]
-    local = _group_rows(image_feat, text_feat, rows[sl], g, counts[sl], starts[sl], max_elements)
-    buf = torch.zeros(share, m, dtype=torch.long)
-    buf[: local.shape[0]] = local
-    buf = buf.to(_collective_device())
-    parts = [torch.empty_like(buf) for _ in range(world)]
-    dist.all_gather(parts, buf)
-    return torch.cat(parts).cpu()[:s]
-
-
 @torch.no_grad()
 def group_bank(
     image_feat: torch.Tensor,
     text_feat: torch.Tensor,
     indices: torch.Tensor,
-    num_samples: int,
     search_space: int,
     group_ids: torch.Tensor | None,
     gen: torch.Generator,
-    distributed: bool | None = None,
     max_elements: int = MAX_SIM_ELEMENTS,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Groups a gathered bank: returns (dataset indices in visiting order, search space after search space, on CPU;
-    a bool mask [num_samples] of the samples it held).
+) -> torch.Tensor:
+    """Groups one rank's bank: the dataset indices it holds, in visiting order, search space after search space
+    (CPU int64).
 
     The bank (duplicate indices keep their first entry) is shuffled and cut into search spaces of `search_space`
     samples (the last one smaller when the bank is not a multiple), each grouped by group_search_spaces on the
-    features' device, in chunks of at most `max_elements` similarity entries. `group_ids` [num_samples]
-    (same-image duplicates): same-group samples are never picked as each other's most similar next sample.
-    Deterministic given `gen`. With `distributed` (default: when torch.distributed is initialised with more than one
-    rank) it is a collective: every rank calls it with the same gathered bank, groups 1/world of the search spaces,
-    and the walks are all_gathered, so all ranks return the identical order.
-    Raises ValueError when search_space is larger than the bank.
+    features' device, in chunks of at most `max_elements` similarity entries. `group_ids` (indexable by dataset
+    index; same-image duplicates): same-group samples are never picked as each other's most similar next sample.
+    Deterministic given `gen`.
     """
     idx = torch.as_tensor(indices).detach().flatten().to("cpu", torch.long)
-    if idx.numel() and (idx.min() < 0 or idx.max() >= num_samples):
-        raise ValueError(f"bank indices must lie in [0, {num_samples})")
-    first = torch.full((num_samples,), idx.numel(), dtype=torch.long)
-    first.scatter_reduce_(0, idx, torch.arange(idx.numel()), reduce="amin")  # first bank row of each index
-    keep = first[first < idx.numel()]
-    if search_space > keep.numel():
-        raise ValueError(f"search_space={search_space} is larger than the bank ({keep.numel()} distinct samples)")
+    if idx.numel() == 0:
+        return idx
+    order = torch.argsort(idx, stable=True)
+    first = torch.ones(idx.numel(), dtype=torch.bool)
+    first[order[1:]] = idx[order[1:]] != idx[order[:-1]]  # the first bank row of each index
+    keep = first.nonzero().flatten()
     rows = keep[torch.randperm(keep.numel(), generator=gen)]  # example-level shuffle
-    n, m = rows.numel(), search_space
+    n, m = rows.numel(), min(search_space, keep.numel())
     s = -(-n // m)
     pad = s * m - n
     rows_padded = torch.cat([rows, rows[:pad]]).view(s, m)  # padding entries are never visited (counts)
@@ -165,29 +140,8 @@ def group_bank(
     starts = (torch.rand(s, generator=gen) * counts).long().clamp_(max=m - 1)
     groups = None
     if group_ids is not None:
-        groups = torch.as_tensor(group_ids).to("cpu", torch.long)[idx[rows_padded]]
-    group = _group_sharded if (_distributed() if distributed is None else distributed) else _group_rows
-    walk = group(image_feat, text_feat, rows_padded, groups, counts, starts, max_elements)
+        groups = torch.as_tensor(group_ids[idx[rows_padded].numpy()] if not torch.is_tensor(group_ids)
+                                 else group_ids[idx[rows_padded]]).long()  # fmt: skip
+    walk = _group_rows(image_feat, text_feat, rows_padded, groups, counts, starts, max_elements)
     visited = idx[rows_padded.gather(1, walk)]  # dataset indices in visiting order
-    return torch.cat([visited[:-1].flatten(), visited[-1, : counts[-1]]]), first < idx.numel()
-
-
-def arrange(grouped, missing, batch_size, shuffle_batches, gen):
-    """An epoch order: the full batches of `grouped` (visiting order) and of `missing` (samples no bank held, in random
-    batches of their own), shuffled together when `shuffle_batches` (else grouped batches keep their order and the
-    missing ones go to random positions), then the few samples of partial batches last, where the sampler's final,
-    partial step takes them."""
-    b = batch_size
-    n_g, n_m = grouped.numel() // b * b, missing.numel() // b * b
-    # grouped is laid out search space by search space; only the last space can end in a partial batch
-    full_g, full_m = grouped[:n_g].view(-1, b), missing[:n_m].view(-1, b)
-    if shuffle_batches:
-        batches = torch.cat([full_g, full_m])
-        batches = batches[torch.randperm(batches.shape[0], generator=gen)]
-    else:
-        total = full_g.shape[0] + full_m.shape[0]
-        is_missing = torch.zeros(total, dtype=torch.bool)
-        is_missing[torch.randperm(total, generator=gen)[: full_m.shape[0]]] = True
-        batches = torch.empty(total, b, dtype=torch.long)
-        batches[~is_missing], batches[is_missing] = full_g, full_m
-    return torch.cat([batches.flatten(), grouped[n_g:], missing[n_m:]])
+    return torch.cat([visited[:-1].flatten(), visited[-1, : counts[-1]]])

@@ -26,16 +26,23 @@ def barrier() -> None:
         dist.barrier()
 
 
-def training_shards(cfg: Config) -> str:
-    """The training shard pattern; makes the demo set on first run when no shards are configured."""
-    if cfg.data.train_shards:
-        return cfg.data.train_shards
+def demo_shards(cfg: Config) -> tuple[str, str]:
+    """(train, test) patterns of the demo set, made on first use (by rank 0; the others wait, then find it)."""
     demo = (cfg.data.demo_dir, cfg.data.demo_train_samples, cfg.data.demo_test_samples)
-    if is_main():  # rank 0 writes the demo set; the others wait, then find it made
+    if is_main():
         ensure_demo_shards(*demo, seed=cfg.train.seed)
     barrier()
-    train, _ = ensure_demo_shards(*demo, seed=cfg.train.seed)
-    return train
+    return ensure_demo_shards(*demo, seed=cfg.train.seed)
+
+
+def training_shards(cfg: Config) -> str:
+    """The training shard pattern: data.train_shards, or the demo set when none are configured."""
+    return cfg.data.train_shards or demo_shards(cfg)[0]
+
+
+def demo_test_shards(cfg: Config) -> str:
+    """The demo set's held-out split (its (shape, colour) pairs never occur in training)."""
+    return demo_shards(cfg)[1]
 
 
 def training_dataset(cfg: Config) -> ShardDataset:

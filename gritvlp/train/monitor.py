@@ -60,6 +60,15 @@ class Monitor:
         scalars["data/skipped_samples"] = extra["skipped_samples"]
         self.log(step, scalars)
 
+    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+        """Evaluation metrics (ALBEF's retrieval names, hard_<scorer>_<kind>, best_<name>) under eval/*."""
+        self.log(step, {f"eval/{name}": value for name, value in metrics.items()})
+
+    def log_images(self, step: int, name: str, image) -> None:
+        """An HWC uint8 array as an image in TensorBoard (rank 0 only, like every scalar)."""
+        if self.enabled:
+            self.writer.add_image(name, image, step, dataformats="HWC")
+
     def log_grouping(self, step: int, seconds: float, epoch_seconds: float) -> None:
         self.log(step, {"grit/grouping_time_s": seconds, "grit/grouping_share": seconds / max(epoch_seconds, 1e-9)})
 

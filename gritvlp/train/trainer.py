@@ -21,11 +21,12 @@ from gritvlp.config import Config, save_config
 from gritvlp.data.collate import Collator
 from gritvlp.model.gritvlp import GritVLP
 from gritvlp.objectives.pretraining import TERMS, PretrainingObjective
-from gritvlp.sampling.order import EpochBatchSampler
+from gritvlp.sampling.order import EpochBatchSampler, epoch_key, random_rank_batches
 from gritvlp.sampling.schedule import GritSchedule
 from gritvlp.train import checkpoint
 from gritvlp.train.data import barrier, epoch_loader, is_main, tokenizer_and_special_tokens, training_dataset
 from gritvlp.train.engine import build_engine, load_ds_config, precision_dtype, zero_stage
+from gritvlp.train.evaluation import EpochEvaluation
 from gritvlp.train.monitor import Monitor
 from gritvlp.train.step import NonFiniteGuard, bank_features, forward_backward, step_seed, to_device
 
@@ -101,6 +102,8 @@ class Trainer:
             self.objective.register_zero3_external_parameters()
         self.dtype = precision_dtype(self.ds_config)
         self.collator = Collator(self.tokenizer, cfg.data.max_tokens)
+        self.evaluation = EpochEvaluation(cfg, self.tokenizer, self.device)
+        self.last_eval_step = -1
         self.state = RunState()
         self.guard = NonFiniteGuard(self.device)
         self.window = Window()
@@ -123,7 +126,7 @@ class Trainer:
         sampling = self.cfg.sampling
         return GritSchedule(
             len(self.dataset), self.micro_batch, self.world, sampling.bank_size, sampling.search_space,
-            sampling.shuffle_batches, group_ids=self.dataset.group_ids, seed=self.cfg.train.seed,
+            sampling.shuffle_batches, group_ids=self.dataset.group_ids, seed=self.cfg.train.seed, rank=self.rank,
         )  # fmt: skip
 
     def _total_steps(self) -> int:
@@ -206,17 +209,23 @@ class Trainer:
         return to_device(batch, self.device, self.dtype), usable
 
     def end_epoch(self) -> None:
-        """Groups what is left in the banks into the next epoch's order and moves the sampler to it."""
-        order = None
+        """Groups what is left in the bank and deals every rank its batches of the next epoch (a collective), then
+        evaluates when an evaluation is due."""
+        batches = None
         if self.schedule is not None:
-            order = self.schedule.next_epoch_order(self.state.epoch + 1)
+            batches = self.schedule.next_epoch_batches(self.state.epoch + 1, self.sampler.own_samples())
             self.grouping_seconds += self.schedule.last_seconds
             epoch_seconds = self.monitor.clock() - self.epoch_start
             self.monitor.log_grouping(self.state.global_step, self.grouping_seconds, epoch_seconds)
+            self.log_grouping_picture(batches[0])
         self.state.epoch += 1
-        self.sampler.set_epoch(self.state.epoch, order)
+        self.sampler.set_epoch(self.state.epoch, batches)
+        if self.evaluation.due(self.state.epoch):
+            self.evaluate()
 
     def finish(self) -> None:
+        if self.evaluation.enabled and self.last_eval_step != self.state.global_step:
+            self.evaluate()  # the final model, when the run ended within an epoch
         if self.state.global_step % self.cfg.train.save_every != 0:
             self.save()  # checks the loss counters first
         else:
@@ -227,6 +236,28 @@ class Trainer:
             if self.cfg.train.export_fp16:
                 export_final(self.output_dir)
         barrier()
+
+    def evaluate(self) -> None:
+        """Zero-shot retrieval (and the demo's hard negatives) on every rank; rank 0 logs eval/*."""
+        metrics = self.evaluation(self.engine.module.model)
+        self.last_eval_step = self.state.global_step
+        self.monitor.log_eval(self.state.global_step, metrics)
+        if is_main():
+            log.info(
+                "epoch %d, step %d: zero-shot retrieval r_mean %.2f (best %.2f), TR@1 %.2f, IR@1 %.2f",
+                self.state.epoch, self.state.global_step, metrics["r_mean"], metrics["best_r_mean"],
+                metrics["txt_r1"], metrics["img_r1"],
+            )  # fmt: skip
+
+    def log_grouping_picture(self, grouped: torch.Tensor) -> None:
+        """A grouped mini-batch of the next epoch beside a random one, in TensorBoard (rank 0)."""
+        if not is_main():
+            return
+        from gritvlp.train.pictures import grouped_vs_random
+
+        random = random_order_sample(len(self.dataset), self.micro_batch, self.cfg.train.seed, self.state.epoch)
+        picture = grouped_vs_random(self.dataset, grouped.tolist(), random)
+        self.monitor.log_images(self.state.global_step, "grit/grouped_vs_random_batch", picture)
 
     # -- logging --------------------------------------------------------------------------------------------------
     def log_step(self, out: dict, lr: float) -> None:
@@ -248,33 +279,41 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """gritvlp's part of a checkpoint (DeepSpeed's engine holds the weights and the optimizer)."""
+        """gritvlp's part of a checkpoint shared by all ranks (DeepSpeed's engine holds the weights and the
+        optimizer); rank_state_dict() holds what is each rank's own."""
         return {
             "run_state": vars(self.state).copy(),
-            "sampler": self.sampler.state_dict(),
             "config": self.cfg.to_dict(),
             "model_config": self.objective.model.config_dict(),
+            "evaluation": self.evaluation.state_dict(),
+        }
+
+    def rank_state_dict(self) -> dict:
+        """This rank's batches of the epoch and position in it, its GRIT bank and grouped samples."""
+        return {
+            "sampler": self.sampler.state_dict(),
             "grit": self.schedule.state_dict() if self.schedule is not None else None,
         }
 
     def load_state_dict(self, state: dict, rank_state: dict | None) -> None:
+        if rank_state is None:
+            raise ValueError("the checkpoint has no state file for this rank: resume with the world size it was saved with")
         self.state = RunState(**state["run_state"])
         self.guard = NonFiniteGuard(self.device, self.state.nonfinite_steps, self.state.global_step)
-        self.sampler.load_state_dict(state["sampler"])
+        self.evaluation.load_state_dict(state.get("evaluation", {}))
+        self.sampler.load_state_dict(rank_state["sampler"])
         if self.schedule is None:
             return
-        if state.get("grit") is not None and rank_state is not None:
-            self.schedule.load_state_dict(state["grit"])
-            self.schedule.bank.load_state_dict(rank_state["bank"])
+        if rank_state.get("grit") is not None:
+            self.schedule.load_state_dict(rank_state["grit"])
         elif is_main():
             log.warning("the checkpoint holds no GRIT state: this epoch's features start from empty banks")
 
     def save(self) -> None:
         self.check_finite()  # raises before weights of a diverged run can replace the last good checkpoint
-        rank_state = {"bank": self.schedule.bank.state_dict()} if self.schedule is not None else None
         checkpoint.save(
             self.engine, self.output_dir, self.state.global_step, self.state_dict(), self.cfg.train.keep_checkpoints,
-            rank_state,
+            self.rank_state_dict(),
         )  # fmt: skip
 
     def resume(self, resume: str | None) -> None:
@@ -284,6 +323,11 @@ class Trainer:
             return
         state, rank_state = checkpoint.load(self.engine, *target)
         self.load_state_dict(state, rank_state)
+
+
+def random_order_sample(num_samples: int, batch_size: int, seed: int, epoch: int) -> list[int]:
+    """One batch of a random order (for the picture beside a grouped batch)."""
+    return random_rank_batches(num_samples, batch_size, 0, 1, epoch_key(seed, -1 - epoch))[0].tolist()
 
 
 def reduce_mean(values: dict[str, torch.Tensor], device) -> dict[str, float]:

@@ -1,0 +1,72 @@
+"""Evaluation during pre-training: zero-shot retrieval on a held-out set every `eval.every_epochs` epochs (and the
+demo's hard-negative accuracy when training on the demo set), with the best value so far."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from gritvlp.config import Config
+from gritvlp.eval.data import RetrievalSet, from_shards
+from gritvlp.eval.retrieval import evaluate_retrieval
+from gritvlp.train.data import barrier, demo_test_shards, is_main
+
+log = logging.getLogger("gritvlp.train")
+
+
+class EpochEvaluation:
+    """Built once (the test set's captions and image list are read at start-up); called at the end of epochs."""
+
+    def __init__(self, cfg: Config, tokenizer, device: torch.device):
+        self.cfg, self.tokenizer, self.device = cfg, tokenizer, device
+        pattern = cfg.eval.test_shards or (demo_test_shards(cfg) if not cfg.data.train_shards else "")
+        self.on_demo = pattern != "" and not cfg.eval.test_shards
+        self.test_pattern = pattern
+        self.retrieval: RetrievalSet | None = None
+        if pattern and cfg.eval.every_epochs > 0:
+            self.retrieval = self._test_set(pattern)
+        self.best: dict[str, float] = {}
+
+    def _test_set(self, pattern: str) -> RetrievalSet:
+        # rank 0 first: it builds (and caches) the test shards' index, so ranks do not race writing it
+        if is_main():
+            test_set = from_shards(pattern, self.cfg.model.image_size, self.cfg.data.max_words, progress=True)
+        barrier()
+        if not is_main():
+            test_set = from_shards(pattern, self.cfg.model.image_size, self.cfg.data.max_words, progress=False)
+        return test_set
+
+    @property
+    def enabled(self) -> bool:
+        return self.retrieval is not None
+
+    def due(self, epochs_done: int) -> bool:
+        return self.enabled and epochs_done % self.cfg.eval.every_epochs == 0
+
+    def __call__(self, model) -> dict[str, float]:
+        """Every rank must call this (the re-ranking is split across ranks). Returns the metrics and, for each
+        one, its best so far under 'best_<name>'."""
+        metrics = evaluate_retrieval(
+            model, self.retrieval, self.cfg.eval.k_test, self.device, self.tokenizer,
+            batch_size=self.cfg.eval.batch_size, max_tokens=self.cfg.data.max_tokens, progress=is_main(),
+        )  # fmt: skip
+        metrics = {k: float(v) for k, v in metrics.items() if k not in ("num_images", "num_captions", "k_test")}
+        if self.on_demo and self.cfg.eval.hard_negatives:
+            metrics.update(self._hard_negatives(model))
+        for name, value in metrics.items():
+            self.best[name] = max(self.best.get(name, value), value)
+        return {**metrics, **{f"best_{k}": v for k, v in self.best.items()}}
+
+    def _hard_negatives(self, model) -> dict[str, float]:
+        from gritvlp.eval.hard_negatives import evaluate_hard_negatives
+
+        result = evaluate_hard_negatives(model, self.test_pattern, self.device, self.tokenizer)
+        return {f"hard_{scorer}_{kind}": float(acc) for scorer, by_kind in result.items() if scorer in ("itm", "itc")
+                for kind, acc in by_kind.items()}  # fmt: skip
+
+    def state_dict(self) -> dict:
+        return {"best": dict(self.best)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = dict(state.get("best", {}))
