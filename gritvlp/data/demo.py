@@ -151,6 +151,41 @@ def _negatives(rng: random.Random, objects: list[dict], clauses, test: bool) -> 
     return negatives
 
 
+def parse_caption(caption: str) -> list[tuple[str, str | None, str | None]]:
+    """The clauses of a caption of this grammar, as (subject, relation, object) descriptions; a one-object caption
+    is the single clause (description, None, None). A caption outside the grammar is a ValueError."""
+    clauses = []
+    for text in caption.split(" and "):
+        words = text.split()
+        subject, rest = _description(words[:4], caption), words[4:]
+        if not rest:
+            clauses.append((subject, None, None))
+            continue
+        width = 2 if rest[0] in ("left", "right") else 1  # "left of" / "right of" against "above" / "below"
+        relation = " ".join(rest[:width])
+        if relation not in OPPOSITE:
+            raise ValueError(f"{caption!r} is not a caption of the demo grammar (relation {relation!r})")
+        clauses.append((subject, relation, _description(rest[width:], caption)))
+    return clauses
+
+
+def _description(words: list[str], caption: str) -> str:
+    valid = len(words) == 4 and words[0] == "a" and words[1] in SIZES and words[2] in COLOURS and words[3] in SHAPES
+    if not valid:
+        raise ValueError(f"{caption!r} is not a caption of the demo grammar ({' '.join(words)!r})")
+    return " ".join(words)
+
+
+def join_clauses(clauses: list[tuple[str, str | None, str | None]]) -> str:
+    """The caption of parsed clauses: the inverse of parse_caption."""
+    return " and ".join(" ".join(word for word in clause if word) for clause in clauses)
+
+
+def caption_holds(objects: list[dict], clauses: list[tuple[str, str | None, str | None]]) -> bool:
+    """Whether every clause is true of the scene under some reading (the test the stored negatives pass)."""
+    return all(_holds(objects, *clause) for clause in clauses)
+
+
 def _draw(rng: random.Random, objects: list[dict], size: int) -> Image.Image:
     grey = rng.randint(20, 90)
     image = Image.new("RGB", (size, size), (grey, grey, grey))

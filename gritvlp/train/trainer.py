@@ -9,12 +9,10 @@ The losses are the objective's (gritvlp.objectives.pretraining), which the engin
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.profiler import record_function
 
 from gritvlp.config import Config, save_config
@@ -25,6 +23,7 @@ from gritvlp.sampling.order import EpochBatchSampler, epoch_key, random_rank_bat
 from gritvlp.sampling.schedule import GritSchedule
 from gritvlp.train import checkpoint
 from gritvlp.train.data import barrier, epoch_loader, is_main, tokenizer_and_special_tokens, training_dataset
+from gritvlp.train.distributed import init_distributed, reduce_mean
 from gritvlp.train.engine import build_engine, load_ds_config, precision_dtype, zero_stage
 from gritvlp.train.evaluation import EpochEvaluation
 from gritvlp.train.monitor import Monitor
@@ -62,18 +61,6 @@ def random_weights_warning(model_cfg, vision_width: int) -> str | None:
         "GRIT-VLP and ALBEF start from DeiT-base and bert-base-uncased: set model.vision_weights and "
         f"model.text_weights to local files.\n{banner}"
     )
-
-
-def init_distributed(use_cuda: bool) -> tuple[torch.device, int, int]:
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    elif is_main():
-        log.warning("no CUDA device: running on CPU in fp32 with the gloo backend")
-    return device, dist.get_rank(), dist.get_world_size()
 
 
 class Trainer:
@@ -328,16 +315,6 @@ class Trainer:
 def random_order_sample(num_samples: int, batch_size: int, seed: int, epoch: int) -> list[int]:
     """One batch of a random order (for the picture beside a grouped batch)."""
     return random_rank_batches(num_samples, batch_size, 0, 1, epoch_key(seed, -1 - epoch))[0].tolist()
-
-
-def reduce_mean(values: dict[str, torch.Tensor], device) -> dict[str, float]:
-    """Averages scalars over ranks in one collective (only on logging steps)."""
-    names = sorted(values)
-    stacked = torch.stack([values[n].detach().float().reshape(()).to(device) for n in names])
-    if dist.is_initialized():
-        dist.all_reduce(stacked)
-        stacked /= dist.get_world_size()
-    return dict(zip(names, stacked.tolist()))
 
 
 def export_final(output_dir: Path) -> None:
