@@ -33,6 +33,7 @@ setup(
         "tokenizers>=0.19",
         "webdataset>=0.2.90",
         "braceexpand",
+        "fsspec[http]",  # ranged reads of shards on object storage (add s3fs / gcsfs for s3:// / gs://)
         "safetensors>=0.4",
         "pyyaml",
         "tqdm",
@@ -44,7 +45,7 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=7", "ruff"],
-        "bench": ["liger-kernel"],
+        "bench": ["liger-kernel", "matplotlib"],
         # CAT filtering (scripts/filter_cat.py); also needs a spaCy model and the tesseract-ocr binary
         "filter": ["pytesseract", "spacy"],
     },

@@ -4,13 +4,15 @@ import logging
 import os
 import pickle
 import tarfile
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
 from PIL import Image
 
-from gritvlp.data import shards as shards_mod
+from gritvlp.data import index as index_mod
 from gritvlp.data.collate import Collator
 from gritvlp.data.demo import make_demo_shards
 from gritvlp.data.shards import ShardDataset, expand_shards
@@ -38,6 +40,22 @@ def _write_tar(path, samples):
         for key, members in samples:
             sink.write({"__key__": key, **members})
     return str(path)
+
+
+def _oracle_rows(shard):
+    """(key, {ext: [data offset, size]}, group key) per sample, straight from tarfile: the index's oracle."""
+    samples = {}
+    with tarfile.open(shard) as tar:
+        for info in tar:
+            key, ext = info.name.split(".", 1)
+            data = tar.extractfile(info).read()
+            samples.setdefault(key, {})[ext] = ([info.offset_data, info.size], data)
+    rows = []
+    for key, members in samples.items():
+        image_id = json.loads(members["json"][1]).get("image_id") if "json" in members else None
+        group = "id:" + json.dumps(image_id) if image_id is not None else None
+        rows.append((key, {ext: span for ext, (span, _) in members.items()}, group))
+    return rows
 
 
 def test_expand_shards(demo, tmp_path):
@@ -150,38 +168,66 @@ def test_truncated_tar_keeps_earlier_samples(demo, tmp_path, caplog):
 def test_index_cache_reused_and_rebuilt(tmp_path, monkeypatch):
     path = _write_tar(tmp_path / "s.tar", [("a", {"jpg": _jpg("red"), "txt": b"one"})])
     assert len(ShardDataset(path, eval_transform(16))) == 1
-    index_file = tmp_path / "s.tar.idx.json"
-    stamp = index_file.stat().st_mtime_ns
-    real_build = shards_mod.build_index
+    (meta,) = (tmp_path / ".gritvlp-index").glob("*.json")
+    stamp = meta.stat().st_mtime_ns
 
     def no_rebuild(shard):
         raise AssertionError("the cached index should have been used")
 
-    monkeypatch.setattr(shards_mod, "build_index", no_rebuild)
+    monkeypatch.setattr(index_mod, "build_part", no_rebuild)
     assert len(ShardDataset(path, eval_transform(16))) == 1
-    assert index_file.stat().st_mtime_ns == stamp
-    monkeypatch.setattr(shards_mod, "build_index", real_build)
+    assert meta.stat().st_mtime_ns == stamp
+    monkeypatch.undo()
     _write_tar(path, [("a", {"jpg": _jpg("red"), "txt": b"one"}), ("b", {"jpg": _jpg("blue"), "txt": b"two"})])
     ds = ShardDataset(path, eval_transform(16))
-    assert len(ds) == 2 and ds[1]["caption"] == "two"
+    assert len(ds) == 2 and ds[1]["caption"] == "two" and ds.keys[1] == "b"
 
 
 def test_index_falls_back_to_user_cache(tmp_path, monkeypatch):
     path = _write_tar(tmp_path / "s.tar", [("a", {"jpg": _jpg("red"), "txt": b"one"})])
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    real_write = shards_mod._write_json
-
-    def read_only_beside(target, obj):
-        if target.parent == tmp_path:
-            raise PermissionError("read-only")
-        real_write(target, obj)
-
-    monkeypatch.setattr(shards_mod, "_write_json", read_only_beside)
+    real_writable = index_mod._writable
+    monkeypatch.setattr(index_mod, "_writable", lambda root: root.parent != tmp_path and real_writable(root))
     assert len(ShardDataset(path, eval_transform(16))) == 1
-    assert not (tmp_path / "s.tar.idx.json").exists()
-    assert len(list((tmp_path / "cache" / "gritvlp" / "index").glob("*s.tar.idx.json"))) == 1
-    monkeypatch.setattr(shards_mod, "build_index", None)  # the cached copy is found again
-    assert len(ShardDataset(path, eval_transform(16))) == 1
+    assert not (tmp_path / ".gritvlp-index").exists()
+    assert len(list((tmp_path / "cache" / "gritvlp" / "index").glob("*/*.json"))) == 1
+    monkeypatch.setattr(index_mod, "build_part", None)  # the cached copy is found again
+    assert ShardDataset(path, eval_transform(16))[0]["caption"] == "one"
+
+
+def test_index_in_memory_when_nothing_is_writable(tmp_path, monkeypatch, caplog):
+    path = _write_tar(
+        tmp_path / "s.tar", [("a", {"jpg": _jpg("red"), "txt": b"one"}), ("b", {"jpg": _jpg("red"), "txt": b"two"})]
+    )
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(index_mod, "_writable", lambda root: False)
+    with caplog.at_level(logging.WARNING, logger="gritvlp.data"):
+        ds = ShardDataset(path, eval_transform(16))
+    assert "held in memory" in caplog.text and ds.index.location is None
+    assert [ds[i]["caption"] for i in range(2)] == ["one", "two"] and ds.group_ids.tolist() == [0, 0]
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone[1]["caption"] == "two" and list(clone.keys) == ["a", "b"]
+
+
+def test_previous_json_index_is_read_instead_of_scanning(demo, monkeypatch):
+    """A current <shard>.idx.json of the previous release is converted, not rescanned, with the same result."""
+    shards = expand_shards(demo)
+    folder = Path(shards[0]).parent
+    scanned = ShardDataset(demo, eval_transform(32), index_dir=str(folder / "scanned"))
+    monkeypatch.setattr(index_mod, "scan_tar", None)  # any scan now fails
+    try:
+        for shard in shards:
+            stat = os.stat(shard)
+            rows = [list(row) for row in _oracle_rows(shard)]
+            index = {"version": 1, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "truncated": 0, "samples": rows}
+            Path(shard + ".idx.json").write_text(json.dumps(index))
+        converted = ShardDataset(demo, eval_transform(32), index_dir=str(folder / "converted"))
+    finally:
+        for shard in shards:
+            Path(shard + ".idx.json").unlink(missing_ok=True)
+    for name in ("image_block", "image_size", "text_block", "text_size", "group_id", "shard_start"):
+        assert np.array_equal(getattr(scanned.index, name), getattr(converted.index, name)), name
+    assert converted[5]["caption"] == scanned[5]["caption"]
 
 
 def test_dataloader_workers_and_pickle(demo):

@@ -1,8 +1,9 @@
-"""Map-style random access to img2dataset tar shards through a cached per-tar index.
+"""Map-style random access to img2dataset tar shards through a memory-mapped sample index.
 
-The GRIT sampler hands each rank arbitrary dataset indices, so samples are read by seek (pread) into
-uncompressed tars instead of streaming them. Each tar is scanned once; the member offsets are cached
-in `<shard>.idx.json` (or under ~/.cache/gritvlp when the shard's folder is read-only).
+The GRIT sampler hands each rank arbitrary dataset indices, so samples are read by offset (pread locally, a ranged
+request on object storage) from uncompressed tars instead of streaming them. The index (gritvlp.data.index) is
+built once per shard list, by scripts/index_shards.py or by the first process that needs it, and then mapped by
+every process: opening it costs milliseconds and no per-sample memory.
 """
 
 from __future__ import annotations
@@ -10,166 +11,60 @@ from __future__ import annotations
 import glob
 import hashlib
 import io
-import json
 import logging
 import os
-import re
 import tarfile
-from collections import OrderedDict
-from pathlib import Path
+from collections.abc import Sequence
 
-import numpy as np
 import torch
 from braceexpand import braceexpand
 from PIL import Image
-from tqdm import tqdm
 
+from gritvlp.data.index import BLOCK, SampleIndex, key_of_member, load_index
+from gritvlp.data.remote import ShardReader, filesystem, glob_remote, is_url, local_path
 from gritvlp.data.text import clean_caption
+from gritvlp.data.transforms import UndecodableImage, decode_rgb
 
 log = logging.getLogger("gritvlp.data")
 
-INDEX_VERSION = 1
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-MAX_OPEN_FILES = 64  # per process; shards beyond this are closed least-recently-used first
-_MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # "dir/KEY.ext.more" -> key "dir/KEY", ext "ext.more"
+_COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
 
 
 def expand_shards(spec: str | list[str]) -> list[str]:
-    """'::'-separated entries, each a brace pattern, a glob or a folder (its *.tar). Sorted, de-duplicated."""
+    """'::'-separated entries, each a brace pattern, a glob or a folder (its *.tar); local paths or URLs
+    (s3://, gs://, https://, ...). Sorted, de-duplicated."""
     entries = spec.split("::") if isinstance(spec, str) else list(spec)
     found = set()
     for entry in entries:
         matched = []
         for path in braceexpand(os.path.expanduser(entry.strip())):
-            if os.path.isdir(path):
-                matched += glob.glob(os.path.join(path, "*.tar"))
-            elif any(c in path for c in "*?["):
-                matched += [p for p in glob.glob(path) if p.endswith(".tar")]  # skip img2dataset's sidecars
-            elif os.path.isfile(path):
-                matched.append(path)
-            else:
-                raise FileNotFoundError(f"shard {path!r} of pattern {entry!r} does not exist")
+            matched += _expand_remote(path) if is_url(path) else _expand_local(local_path(path), entry)
         if not matched:
             raise FileNotFoundError(f"no shard matches {entry!r}")
         for path in matched:
-            if path.endswith((".gz", ".bz2", ".xz", ".zst")):
+            if path.endswith(_COMPRESSED):
                 raise ValueError(f"{path}: compressed tars allow no random access; use plain .tar shards")
-        found.update(os.path.abspath(p) for p in matched)
+        found.update(matched)
     return sorted(found)
 
 
-# ---------------------------------------------------------------- index: built once per tar, cached as JSON
-
-
-def _index_paths(shard: str) -> list[Path]:
-    """Beside the tar first, then a per-user cache named after the tar's absolute path."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gritvlp" / "index"
-    digest = hashlib.sha1(os.path.abspath(shard).encode()).hexdigest()[:16]
-    return [Path(shard + ".idx.json"), cache / f"{digest}-{Path(shard).name}.idx.json"]
-
-
-def _scan_members(shard: str, size: int) -> tuple[list[tuple[str, int, int]], bool]:
-    """(name, data offset, data size) of every complete file member, and whether the tar is damaged."""
-    members, damaged = [], False
-    try:
-        with tarfile.open(shard, "r:") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                if info.offset_data + info.size > size:  # data cut off by truncation
-                    members.append((info.name, -1, -1))
-                    damaged = True
-                    break
-                members.append((info.name, info.offset_data, info.size))
-            end = tar.offset
-        if not damaged:  # tarfile stops silently on a bad header: a sound tar ends with a zero block here
-            with open(shard, "rb") as f:
-                f.seek(end)
-                damaged = f.read(512) != bytes(512)
-    except (tarfile.TarError, OSError, EOFError):
-        damaged = True
-    return members, damaged
-
-
-def _group_key(fd: int, members: dict[str, list[int]]) -> str | None:
-    """'id:<image_id>' from KEY.json, else 'sha1:<hash of the image bytes>'; None without an image."""
-    if "json" in members:
-        try:
-            meta = json.loads(os.pread(fd, members["json"][1], members["json"][0]))
-            if isinstance(meta, dict) and meta.get("image_id") is not None:
-                return "id:" + json.dumps(meta["image_id"], sort_keys=True)
-        except ValueError:
-            pass  # unreadable metadata: fall back to the content hash
-    ext = next((e for e in IMAGE_EXTS if e in members), None)
-    if ext is None:
-        return None
-    offset, size = members[ext]
-    return "sha1:" + hashlib.sha1(os.pread(fd, size, offset)).hexdigest()
-
-
-def build_index(shard: str) -> dict:
-    """Scan a tar: samples as [key, {ext: [offset, size]}, group key], plus how many samples its damage cost."""
-    stat = os.stat(shard)
-    members, damaged = _scan_members(shard, stat.st_size)
-    samples: dict[str, dict[str, list[int]]] = {}
-    for name, offset, size in members:
-        match = _MEMBER.match(name)
-        if match:
-            samples.setdefault(match.group(1), {})[match.group(2).lower()] = [offset, size]
-    lost = 0
-    if damaged:  # drop the sample being written at the damage (it may be incomplete) and any sample cut off
-        cut = {key for key, m in samples.items() if any(offset < 0 for offset, _ in m.values())}
-        cut.update(list(samples)[-1:])
-        samples = {key: m for key, m in samples.items() if key not in cut}
-        lost = max(1, len(cut))  # at least one: a damaged shard never goes unnoticed
-    fd = os.open(shard, os.O_RDONLY)
-    try:
-        rows = [[key, m, _group_key(fd, m)] for key, m in samples.items()]
-    finally:
-        os.close(fd)
-    return {**_stamp(stat), "truncated": lost, "samples": rows}
-
-
-def _stamp(stat: os.stat_result) -> dict:
-    """What ties an index to one version of its tar: rewriting the tar changes its size or mtime."""
-    return {"version": INDEX_VERSION, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
-def load_index(shard: str) -> dict:
-    """The cached index when it matches the tar's size and mtime, else a fresh one (then cached)."""
-    stamp = _stamp(os.stat(shard))
-    paths = _index_paths(shard)
-    for path in paths:
-        try:
-            index = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if all(index.get(k) == v for k, v in stamp.items()):
-            return index
-    index = build_index(shard)
-    for path in paths:
-        try:
-            _write_json(path, index)
-            break
-        except OSError:
-            continue
+def _expand_local(path: str, entry: str) -> list[str]:
+    if os.path.isdir(path):
+        matched = glob.glob(os.path.join(path, "*.tar"))
+    elif any(c in path for c in "*?["):
+        matched = [p for p in glob.glob(path) if p.endswith(".tar")]  # skip img2dataset's sidecars
+    elif os.path.isfile(path):
+        matched = [path]
     else:
-        log.warning("could not cache the index of %s anywhere; it will be rebuilt next time", shard)
-    return index
+        raise FileNotFoundError(f"shard {path!r} of pattern {entry!r} does not exist")
+    return [os.path.abspath(p) for p in matched]
 
 
-def _write_json(path: Path, obj) -> None:
-    """Atomic write, so that ranks indexing the same shard at once never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, separators=(",", ":")))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-# ---------------------------------------------------------------- the dataset
+def _expand_remote(url: str) -> list[str]:
+    """Globs are listed; plain URLs are taken as they are (a request per shard would slow every start-up)."""
+    if any(c in url.split("://", 1)[1] for c in "*?["):
+        return [u for u in glob_remote(url) if u.endswith(".tar")]
+    return [url]
 
 
 def augmentation_seed(seed: int, epoch: int, index: int) -> int:
@@ -178,100 +73,116 @@ def augmentation_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+class SampleKeys(Sequence):
+    """Sample keys, read on demand from the tar header in front of one of the sample's members (only logs need
+    them, so the index does not store them)."""
+
+    def __init__(self, index: SampleIndex, reader: ShardReader):
+        self._index, self._reader = index, reader
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, row: int) -> str:
+        if not 0 <= row < len(self._index):
+            raise IndexError(row)
+        shard_id, offset = self._index.shard_of(row), self._index.anchor_offset(row)
+        header = self._reader.read(shard_id, offset - BLOCK, BLOCK)
+        try:
+            info = tarfile.TarInfo.frombuf(header, tarfile.ENCODING, "surrogateescape")
+        except tarfile.TarError:
+            return f"<row {row}>"
+        if b"\0" not in header[:100]:  # a full name field: the real name may be longer, in a GNU/pax header
+            return self._key_by_scan(shard_id, offset) or key_of_member(info.name)
+        return key_of_member(info.name)
+
+    def _key_by_scan(self, shard_id: int, offset: int) -> str | None:
+        shard = self._reader.shards[shard_id]
+        if is_url(shard):
+            fs, path = filesystem(shard)
+            opener = fs.open(path, "rb")
+        else:
+            opener = open(local_path(shard), "rb")
+        with opener as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for info in tar:
+                if info.offset_data == offset:
+                    return key_of_member(info.name)
+        return None
+
+
 class ShardDataset(torch.utils.data.Dataset):
     """Samples of img2dataset tars by global index (shards concatenated in sorted order).
 
     Returns {"image", "caption", "index", "group_id"}, or None for a corrupt sample (logged, never raised).
     group_ids: samples showing the same image (same image_id in KEY.json, else same image bytes) share an id.
+    index_dir: where the sample index lives (default: `.gritvlp-index` in the shards' common folder, else the user
+    cache); it is built there when missing or out of date.
     """
 
-    def __init__(self, shards: str | list[str], transform, max_words: int = 30, seed: int = 0):
+    def __init__(self, shards: str | list[str], transform, max_words: int = 30, seed: int = 0, index_dir=None):
         self.shards = expand_shards(shards)
         self.transform, self.max_words, self.seed, self.epoch = transform, max_words, seed, 0
-        self.keys: list[str] = []
-        self.num_truncated = 0
-        shard_of, spans, groups = [], [], []
-        show = len(self.shards) > 4
-        for shard_id, shard in enumerate(tqdm(self.shards, desc="indexing shards", disable=not show)):
-            index = load_index(shard)
-            if index["truncated"]:
-                log.warning("%s is truncated or corrupt: %d incomplete sample(s) dropped", shard, index["truncated"])
-            self.num_truncated += index["truncated"]
-            for key, members, group in index["samples"]:
-                ext = next((e for e in IMAGE_EXTS if e in members), None)
-                self.keys.append(key)
-                shard_of.append(shard_id)
-                spans.append((*members.get(ext, (0, -1)), *members.get("txt", (0, -1))))
-                groups.append(group)
-        self._shard_of = np.asarray(shard_of, dtype=np.int32)
-        self._spans = np.asarray(spans, dtype=np.int64).reshape(-1, 4)  # image offset, size, caption offset, size
-        dense: dict[str, int] = {}
-        ids = [dense.setdefault(g if g is not None else f"none:{i}", len(dense)) for i, g in enumerate(groups)]
-        self.group_ids = torch.tensor(ids, dtype=torch.long)
-        self._fds: OrderedDict[int, int] = OrderedDict()
-        self._pid = os.getpid()
+        self.index = load_index(self.shards, index_dir, progress=len(self.shards) > 4)
+        for shard, lost in zip(self.shards, self.index.truncated):
+            if lost:
+                log.warning("%s is truncated or corrupt: %d incomplete sample(s) dropped", shard, lost)
+        self.num_truncated = sum(self.index.truncated)
+        self._reader = ShardReader(self.shards)
+        self._attach_views()
+
+    def _attach_views(self) -> None:
+        self.group_ids = torch.from_numpy(self.index.group_id)  # shares the mapped pages: no copy per rank
+        self.keys = SampleKeys(self.index, self._reader)
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.index)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __getitem__(self, index: int) -> dict | None:
         index = int(index)
-        if not 0 <= index < len(self.keys):
-            raise IndexError(f"index {index} out of range for {len(self.keys)} samples")
-        shard_id = int(self._shard_of[index])
-        img_off, img_len, txt_off, txt_len = (int(v) for v in self._spans[index])
-        if txt_len < 0:
+        if not 0 <= index < len(self.index):
+            raise IndexError(f"index {index} out of range for {len(self.index)} samples")
+        shard_id, image_span, text_span = self.index.sample(index)
+        if text_span[1] < 0:
             return self._bad(index, "no caption (.txt)")
-        if img_len < 0:
+        if image_span[1] < 0:
             return self._bad(index, "no image member")
-        caption = clean_caption(self._read(shard_id, txt_off, txt_len).decode("utf-8", "replace"), self.max_words)
+        image_bytes, text_bytes = self._reader.read_ranges(shard_id, [image_span, text_span])
+        caption = clean_caption(text_bytes.decode("utf-8", "replace"), self.max_words)
         if not caption:
             return self._bad(index, "empty caption")
-        try:
-            with Image.open(io.BytesIO(self._read(shard_id, img_off, img_len))) as img:
-                image = img.convert("RGB")
-        except Exception as err:  # PIL raises many types for bad bytes
-            return self._bad(index, f"undecodable image ({err})")
         with torch.random.fork_rng(devices=[]):
             # default_generator only: torch.manual_seed would also reseed the trainer's CUDA generators
             torch.default_generator.manual_seed(augmentation_seed(self.seed, self.epoch, index))
-            image = self.transform(image)
+            try:
+                image = self.transform(self._open_image(image_bytes))
+            except UndecodableImage as err:
+                return self._bad(index, f"undecodable image ({err})")
         return {"image": image, "caption": caption, "index": index, "group_id": int(self.group_ids[index])}
 
+    def _open_image(self, data: bytes) -> Image.Image:
+        """The opened image: left undecoded for a transform that decodes it itself (at the size it needs)."""
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Exception as err:  # PIL raises many types for bad bytes
+            raise UndecodableImage(str(err) or type(err).__name__) from err
+        return image if getattr(self.transform, "decodes_lazily", False) else decode_rgb(image)
+
     def _bad(self, index: int, reason: str) -> None:
-        log.warning("skipping sample %s of %s: %s", self.keys[index], self.shards[self._shard_of[index]], reason)
+        log.warning("skipping sample %s of %s: %s", self.keys[index], self.shards[self.index.shard_of(index)], reason)
         return None
 
-    def _read(self, shard_id: int, offset: int, size: int) -> bytes:
-        if self._pid != os.getpid():  # forked DataLoader worker: open its own descriptors
-            for inherited in self._fds.values():
-                os.close(inherited)
-            self._fds, self._pid = OrderedDict(), os.getpid()
-        fd = self._fds.get(shard_id)
-        if fd is None:
-            if len(self._fds) >= MAX_OPEN_FILES:
-                os.close(self._fds.popitem(last=False)[1])
-            fd = self._fds[shard_id] = os.open(self.shards[shard_id], os.O_RDONLY)
-        self._fds.move_to_end(shard_id)
-        data = os.pread(fd, size, offset)  # pread: no shared file position, safe across threads
-        return data if len(data) == size else b""  # a shard shrunk since indexing: reads as undecodable
-
     def close(self) -> None:
-        if self._pid == os.getpid():
-            for fd in self._fds.values():
-                os.close(fd)
-        self._fds.clear()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
+        self._reader.close()
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_fds"], state["_pid"] = OrderedDict(), None
+        for view in ("group_ids", "keys"):  # rebuilt over the unpickled index, which maps the files again
+            state.pop(view)
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._attach_views()

@@ -1,50 +1,331 @@
-"""Image transforms of ALBEF-style pre-training: PIL RGB image -> normalised float tensor [3, S, S]."""
+"""Image transforms of ALBEF pre-training: PIL image (opened, decoded or not) -> normalised float tensor [3, S, S].
+
+The training pipeline is ALBEF's (salesforce/ALBEF, dataset/__init__.py and dataset/randaugment.py):
+RandomResizedCrop(S, scale=(0.2, 1.0), bicubic), RandomHorizontalFlip, RandomAugment(2, 7) over ten operations
+that keep colours (colour words in captions stay true), ToTensor, Normalize with CLIP's statistics.
+
+Speed: the crop is drawn before the JPEG is decoded, so the decoder skips the resolution the crop cannot use
+(libjpeg's DCT scaling by 1/2, 1/4 or 1/8, through PIL's `draft`). After decoding, the image stays a uint8 tensor:
+the crop is a view, the resize is torch's uint8 bicubic kernel (PIL's filter, several times faster than PIL's own),
+RandomAugment's operations are computed on the tensor as ALBEF computes them on its numpy array, and the float
+tensor is written once, already normalised.
+"""
 
 from __future__ import annotations
 
+import math
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+ALBEF_OPS = (
+    "Identity",
+    "AutoContrast",
+    "Equalize",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
+)
+MAX_LEVEL = 10
+APPLY_PROBABILITY = 0.5  # each drawn operation is applied with this probability
+GREY = 128  # fill of the geometric operations, in every channel
+TRANSLATE_PIXELS = 10  # shift in pixels at MAX_LEVEL: absolute, whatever the image size
+SHEAR_AT_MAX = 0.3
+ROTATE_DEGREES_AT_MAX = 30.0
+DCT_SCALES = (8, 4, 2)  # the reductions PIL's JPEG draft mode offers
 
-class AlbefRandAugment(T.RandAugment):
-    """torchvision's RandAugment limited to ALBEF's operations, with magnitude on ALBEF's 0-10 scale.
 
-    ALBEF has no Color, Contrast, Posterize or Solarize: they change hues, which would make colour words in
-    captions false. 11 magnitude bins put m=7 at 70% of each op's range, as ALBEF's level 7 of 10 does.
+class UndecodableImage(Exception):
+    """The image bytes could not be decoded."""
+
+
+# ---------------------------------------------------------------- decoding, crop and resize
+
+
+def decode_rgb(image: Image.Image, reduce: int = 1) -> Image.Image:
+    """Decode a lazily opened image as RGB, JPEGs at 1/reduce of their size; decoded images pass through."""
+    try:
+        if reduce > 1:
+            image.draft("RGB", (image.width // reduce, image.height // reduce))  # no-op once decoded / not a JPEG
+        image.load()
+        return image if image.mode == "RGB" else image.convert("RGB")
+    except Exception as err:  # PIL raises many types for bad bytes
+        raise UndecodableImage(str(err) or type(err).__name__) from err
+
+
+def jpeg_reduction(region: tuple[int, int], out_size: tuple[int, int]) -> int:
+    """The largest DCT reduction after which a (w, h) region still holds at least out_size (w, h) pixels.
+
+    With at least as many source pixels as output pixels, the resize still only downsamples, so the result stays
+    close to a full decode: the DCT reduction acts as a first, anti-aliased downsampling stage.
+    """
+    for scale in DCT_SCALES:
+        if region[0] >= out_size[0] * scale and region[1] >= out_size[1] * scale:
+            return scale
+    return 1
+
+
+def _decode_scaled(image: Image.Image, reduce: int) -> tuple[Image.Image, int]:
+    """The decoded RGB image and the reduction the decoder applied (1 when it could not: decoded, not a JPEG)."""
+    width = image.width
+    image = decode_rgb(image, reduce)
+    return image, (reduce if image.width != width else 1)
+
+
+def _pixels(image: Image.Image) -> torch.Tensor:
+    """[H, W, 3] uint8 tensor of an RGB image: one copy out of PIL, no more."""
+    array = np.asarray(image)  # read-only (it wraps the exported bytes); torch only reads it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
+def resize_region(pixels: torch.Tensor, box: tuple[int, int, int, int], out_size: tuple[int, int]) -> torch.Tensor:
+    """Crop (left, top, right, bottom) of [H, W, 3] uint8 resized to out_size (w, h) -> [3, h, w] uint8: bicubic,
+    anti-aliased, as PIL resamples (torch's uint8 kernel matches PIL's bicubic to rounding)."""
+    left, top, right, bottom = box
+    region = pixels[top:bottom, left:right].permute(2, 0, 1)[None]  # a view: channels-last NCHW
+    return F.interpolate(region, size=(out_size[1], out_size[0]), mode="bicubic", antialias=True)[0]
+
+
+class ReducedDecodeRandomResizedCrop(T.RandomResizedCrop):
+    """torchvision's RandomResizedCrop (the same random draws, the same crop) -> [3, S, S] uint8, decoding only
+    the resolution the crop can use. A crop of a reduced decode is rounded to its pixel grid (under half a pixel)."""
+
+    def forward(self, image: Image.Image) -> torch.Tensor:
+        top, left, height, width = self.get_params(image, self.scale, self.ratio)  # from the header: no decode
+        out_size = (self.size[1], self.size[0])
+        image, reduce = _decode_scaled(image, jpeg_reduction((width, height), out_size))
+        box = tuple(round(v / reduce) for v in (left, top, left + width, top + height))
+        return resize_region(_pixels(image), box, out_size)
+
+
+class ReducedDecodeResize(torch.nn.Module):
+    """Resize to (S, S), bicubic -> [3, S, S] uint8, decoding a JPEG at the smallest DCT size covering S x S."""
+
+    def __init__(self, image_size: int):
+        super().__init__()
+        self.out_size = (image_size, image_size)
+
+    def forward(self, image: Image.Image) -> torch.Tensor:
+        image, _ = _decode_scaled(image, jpeg_reduction(image.size, self.out_size))
+        return resize_region(_pixels(image), (0, 0, *image.size), self.out_size)
+
+
+class NormalizeUint8(torch.nn.Module):
+    """ToTensor + Normalize in one pass: [3, H, W] uint8 -> float, (x / 255 - mean) / std."""
+
+    def __init__(self, mean=CLIP_MEAN, std=CLIP_STD):
+        super().__init__()
+        mean, std = torch.tensor(mean), torch.tensor(std)
+        self.register_buffer("scale", (1.0 / (255.0 * std)).view(3, 1, 1))
+        self.register_buffer("shift", (-mean / std).view(3, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels.to(torch.float32).mul_(self.scale).add_(self.shift)
+
+
+# ---------------------------------------------------------------- ALBEF's RandomAugment, on [3, H, W] uint8
+
+
+def _chance(p: float) -> bool:
+    return torch.rand(()).item() < p
+
+
+def _signed(value: float) -> float:
+    """ALBEF flips the sign of every geometric magnitude with probability 1/2."""
+    return -value if _chance(0.5) else value
+
+
+def _enhance_factor(level: float) -> float:
+    """Brightness and sharpness: 0.1 at level 0 to 1.9 at level 10 (1.36 at 7); never negated."""
+    return level / MAX_LEVEL * 1.8 + 0.1
+
+
+def _apply_tables(pixels: torch.Tensor, tables: np.ndarray) -> torch.Tensor:
+    """Per-channel 256-entry uint8 lookup tables."""
+    source = pixels.numpy()
+    out = np.empty_like(source)
+    for channel in range(source.shape[0]):
+        np.take(tables[channel], source[channel], out=out[channel])
+    return torch.from_numpy(out)
+
+
+def _autocontrast_table(channel: np.ndarray) -> np.ndarray:
+    """Stretch [min, max] to [0, 255] (PIL's autocontrast without cutoff, as ALBEF computes it)."""
+    low, high = int(channel.min()), int(channel.max())
+    if high <= low:
+        return np.arange(256, dtype=np.uint8)
+    scale = 255 / (high - low)
+    return (np.arange(256) * scale - low * scale).clip(0, 255).astype(np.uint8)
+
+
+def _equalize_table(channel: np.ndarray) -> np.ndarray:
+    """PIL's histogram equalisation, as ALBEF computes it."""
+    histogram = np.bincount(channel.ravel(), minlength=256)
+    used = histogram[histogram != 0]
+    step = (used.sum() - used[-1]) // 255
+    if step == 0:
+        return np.arange(256, dtype=np.uint8)
+    cumulative = np.concatenate([[step // 2], step // 2 + np.cumsum(histogram[:-1])])
+    return (cumulative // step).clip(0, 255).astype(np.uint8)
+
+
+def _autocontrast(pixels: torch.Tensor, level: float) -> torch.Tensor:
+    return _apply_tables(pixels, np.stack([_autocontrast_table(c) for c in pixels.numpy()]))
+
+
+def _equalize(pixels: torch.Tensor, level: float) -> torch.Tensor:
+    return _apply_tables(pixels, np.stack([_equalize_table(c) for c in pixels.numpy()]))
+
+
+def _brightness(pixels: torch.Tensor, level: float) -> torch.Tensor:
+    table = (np.arange(256, dtype=np.float32) * np.float32(_enhance_factor(level))).clip(0, 255).astype(np.uint8)
+    return _apply_tables(pixels, np.stack([table] * pixels.shape[0]))
+
+
+def _blur3x3(image: torch.Tensor) -> torch.Tensor:
+    """PIL's SMOOTH filter ([[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13) on the interior of [C, H, W] float, as sums of
+    shifted views (a grouped conv2d is many times slower on the CPU)."""
+    rows = image[:, :-2] + image[:, 1:-1] + image[:, 2:]
+    box = rows[:, :, :-2] + rows[:, :, 1:-1] + rows[:, :, 2:]
+    return box.add_(image[:, 1:-1, 1:-1], alpha=4).div_(13)
+
+
+def _sharpness(pixels: torch.Tensor, level: float) -> torch.Tensor:
+    """Blend away from the 3x3 blur (rounded to uint8) inside a one-pixel border, which is kept. ALBEF casts the
+    blend to uint8 unclipped, so values past 0 or 255 wrap around; they are clipped here, as PIL does."""
+    image = pixels.to(torch.float32)
+    blurred = _blur3x3(image).round_()
+    inner = blurred + _enhance_factor(level) * (image[:, 1:-1, 1:-1] - blurred)
+    out = pixels.clone()
+    out[:, 1:-1, 1:-1] = inner.clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def _pixel_to_grid(width: int, height: int) -> np.ndarray:
+    """Pixel coordinates (centres at integers) -> grid_sample's normalised coordinates (align_corners=False)."""
+    return np.array([[2 / width, 0, 1 / width - 1], [0, 2 / height, 1 / height - 1], [0, 0, 1]])
+
+
+def _warp(pixels: torch.Tensor, forward: np.ndarray) -> torch.Tensor:
+    """Affine warp as OpenCV's warpAffine does it for ALBEF: `forward` (2x3) maps source to output pixel
+    coordinates (centres at integers); bilinear, with every pixel outside the image grey."""
+    height, width = pixels.shape[1:]
+    to_grid = _pixel_to_grid(width, height)
+    inverse = np.linalg.inv(np.vstack([forward, [0, 0, 1]]))
+    theta = torch.tensor((to_grid @ inverse @ np.linalg.inv(to_grid))[:2], dtype=torch.float32)
+    grid = F.affine_grid(theta[None], [1, *pixels.shape], align_corners=False)
+    centred = pixels.to(torch.float32).sub_(GREY)[None]  # zero padding of the centred image = grey padding
+    out = F.grid_sample(centred, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    return out.add_(GREY).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _shear(pixels: torch.Tensor, level: float, axis: int) -> torch.Tensor:
+    forward = np.eye(2, 3)
+    forward[axis, 1 - axis] = _signed(level / MAX_LEVEL * SHEAR_AT_MAX)
+    return _warp(pixels, forward)
+
+
+def _shift(pixels: torch.Tensor, shift: int, dim: int) -> torch.Tensor:
+    """Content moved by a whole number of pixels along dim, grey where it uncovers (what bilinear sampling gives)."""
+    out = torch.full_like(pixels, GREY)
+    size = pixels.shape[dim]
+    if abs(shift) < size:
+        kept = pixels.narrow(dim, max(0, -shift), size - abs(shift))
+        out.narrow(dim, max(0, shift), size - abs(shift)).copy_(kept)
+    return out
+
+
+def _translate(pixels: torch.Tensor, level: float, axis: int) -> torch.Tensor:
+    shift = -_signed(level / MAX_LEVEL * TRANSLATE_PIXELS)
+    if shift == int(shift):
+        return _shift(pixels, int(shift), dim=2 - axis)
+    forward = np.eye(2, 3)
+    forward[axis, 2] = shift
+    return _warp(pixels, forward)
+
+
+def _rotate(pixels: torch.Tensor, level: float) -> torch.Tensor:
+    """Counter-clockwise by the angle about (W/2, H/2), as cv2.getRotationMatrix2D builds it."""
+    angle = math.radians(_signed(level / MAX_LEVEL * ROTATE_DEGREES_AT_MAX))
+    cos, sin = math.cos(angle), math.sin(angle)
+    cx, cy = pixels.shape[2] / 2, pixels.shape[1] / 2
+    forward = np.array([[cos, sin, (1 - cos) * cx - sin * cy], [-sin, cos, sin * cx + (1 - cos) * cy]])
+    return _warp(pixels, forward)
+
+
+OPERATIONS = {
+    "Identity": lambda pixels, level: pixels,
+    "AutoContrast": _autocontrast,
+    "Equalize": _equalize,
+    "Brightness": _brightness,
+    "Sharpness": _sharpness,
+    "ShearX": lambda pixels, level: _shear(pixels, level, axis=0),
+    "ShearY": lambda pixels, level: _shear(pixels, level, axis=1),
+    "TranslateX": lambda pixels, level: _translate(pixels, level, axis=0),
+    "TranslateY": lambda pixels, level: _translate(pixels, level, axis=1),
+    "Rotate": _rotate,
+}
+
+
+class AlbefRandomAugment(torch.nn.Module):
+    """ALBEF's RandomAugment(N, M, isPIL=True, augs=ALBEF_OPS) on [3, H, W] uint8, drawing from torch's RNG.
+
+    N operations are drawn uniformly with replacement; each is then applied with probability 1/2 at level M of 10
+    (at M = 7: shear 0.21, translation 7 px, rotation 21 degrees, each of random sign; brightness and sharpness
+    x1.36). The geometric operations fill with grey (128, 128, 128).
     """
 
-    OPS = tuple(
-        "Identity AutoContrast Equalize Brightness Sharpness ShearX ShearY TranslateX TranslateY Rotate".split()
-    )
+    def __init__(self, num_ops: int = 2, level: float = 7, ops: tuple[str, ...] = ALBEF_OPS):
+        super().__init__()
+        if not 0 <= level <= MAX_LEVEL:
+            raise ValueError(f"RandomAugment magnitude must be in 0..{MAX_LEVEL}, got {level}")
+        unknown = set(ops) - set(OPERATIONS)
+        if unknown:
+            raise ValueError(f"unknown RandomAugment operation(s) {sorted(unknown)}; known: {list(OPERATIONS)}")
+        self.num_ops, self.level, self.ops = num_ops, level, tuple(ops)
 
-    def __init__(self, num_ops: int = 2, magnitude: int = 7):
-        if not 0 <= magnitude <= 10:
-            raise ValueError(f"RandAugment magnitude must be in 0..10, got {magnitude}")
-        super().__init__(num_ops=num_ops, magnitude=magnitude, num_magnitude_bins=11)
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        for choice in torch.randint(len(self.ops), (self.num_ops,)).tolist():
+            if _chance(APPLY_PROBABILITY):
+                pixels = OPERATIONS[self.ops[choice]](pixels.contiguous(), self.level)
+        return pixels
 
-    def _augmentation_space(self, num_bins, image_size):
-        space = super()._augmentation_space(num_bins, image_size)
-        return {name: space[name] for name in self.OPS}
+    def extra_repr(self) -> str:
+        return f"num_ops={self.num_ops}, level={self.level}, ops={list(self.ops)}"
+
+
+# ---------------------------------------------------------------- pipelines
+
+
+class LazyDecodeCompose(T.Compose):
+    """A Compose whose first step decodes the image itself, so it may be handed a lazily opened image."""
+
+    decodes_lazily = True
 
 
 def train_transform(image_size: int, crop_scale=(0.2, 1.0), hflip=True, randaug_n=2, randaug_m=7) -> T.Compose:
-    ops = [T.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=InterpolationMode.BICUBIC)]
+    ops = [ReducedDecodeRandomResizedCrop(image_size, tuple(crop_scale), interpolation=InterpolationMode.BICUBIC)]
     if hflip:
         ops.append(T.RandomHorizontalFlip())
     if randaug_n > 0:
-        ops.append(AlbefRandAugment(randaug_n, randaug_m))
-    ops += [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
-    return T.Compose(ops)
+        ops.append(AlbefRandomAugment(randaug_n, randaug_m))
+    ops.append(NormalizeUint8())
+    return LazyDecodeCompose(ops)
 
 
 def eval_transform(image_size: int) -> T.Compose:
-    return T.Compose(
-        [
-            T.Resize((image_size, image_size), interpolation=InterpolationMode.BICUBIC),
-            T.ToTensor(),
-            T.Normalize(CLIP_MEAN, CLIP_STD),
-        ]
-    )
+    return LazyDecodeCompose([ReducedDecodeResize(image_size), NormalizeUint8()])
