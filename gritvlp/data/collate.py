@@ -1,4 +1,5 @@
-"""Batches ShardDataset samples: drops corrupt (None) samples, stacks images, tokenises captions."""
+"""Batches ShardDataset samples: drops corrupt (None) samples, stacks images, tokenises captions, and passes
+precomputed concept targets through."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import torch
 
 class Collator:
     """Returns image [b,3,S,S], input_ids / attention_mask [b,L], index / group_id [b], captions, and
-    num_skipped (how many None samples were dropped). A batch of only None has b == 0."""
+    num_skipped (how many None samples were dropped). A batch of only None has b == 0.
+
+    When a sample carries "concepts" ({"ids": [...], "probs": [...]}, the teacher's top classes written into the
+    shard's KEY.json by scripts/precompute_concepts.py), the batch gets concept_ids [b, K] long and concept_probs
+    [b, K] float, K the most any sample has, zero-padded; a sample without concepts gets a zero row (no target)."""
 
     def __init__(self, tokenizer, max_tokens: int = 25):
         self.tokenizer, self.max_tokens = tokenizer, max_tokens
@@ -32,4 +37,23 @@ class Collator:
             "group_id": torch.tensor([s["group_id"] for s in good], dtype=torch.long),
             "num_skipped": len(samples) - len(good),
             "captions": captions,
+            **concept_targets(good),
         }
+
+
+def concept_targets(samples: list[dict]) -> dict[str, torch.Tensor]:
+    """concept_ids / concept_probs of the samples' precomputed concepts; nothing when none has any."""
+    concepts = [s.get("concepts") for s in samples]
+    if not any(concepts):
+        return {}
+    width = max(len(c["ids"]) for c in concepts if c)
+    ids = torch.zeros(len(samples), width, dtype=torch.long)
+    probs = torch.zeros(len(samples), width)
+    for row, c in enumerate(concepts):
+        if c:
+            if len(c["ids"]) != len(c["probs"]):
+                raise ValueError(f"sample {samples[row].get('index')}: concepts have {len(c['ids'])} ids but "
+                                 f"{len(c['probs'])} probabilities")  # fmt: skip
+            ids[row, : len(c["ids"])] = torch.tensor(c["ids"], dtype=torch.long)
+            probs[row, : len(c["probs"])] = torch.tensor(c["probs"], dtype=torch.float)
+    return {"concept_ids": ids, "concept_probs": probs}

@@ -1,7 +1,10 @@
-"""The GRIT-VLP model: ViT image encoder, BERT text + fusion encoder, projections, ITM and MLM heads.
+"""The GRIT-VLP model: ViT image encoder, BERT text + fusion encoder, projections, ITM and MLM heads, and the
+optional pre-training modules: FLM's reconstructor and the concept head of DiHT's distillation (with its frozen
+teacher, held outside the state dict).
 
-Modules and the encoders only: encode_image, encode_text, fuse (and itm_logits on top of it). The pre-training
-losses are composed in gritvlp.objectives (PretrainingObjective), which calls these.
+Modules and the encoders only: encode_image, encode_text, fuse (and itm_logits on top of it), layer_states,
+reconstruct, concept_logits. The pre-training losses are composed in gritvlp.objectives (PretrainingObjective),
+which calls these.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from safetensors.torch import load_file
 
 from gritvlp.config import ModelConfig
 
+from .concepts import ConceptTeacher, build_teacher_model
+from .reconstructor import Reconstructor
 from .temperature import bounded_temperature
 from .text import BertTextFusion, MLMHead, build_bert_config
 from .vision import VisionEncoder
@@ -42,6 +47,11 @@ class GritVLP(nn.Module):
         self.mlm_head = MLMHead(bert_config, self.text.embeddings.word_embeddings)
         self.temp = nn.Parameter(torch.tensor([float(config.temp_init)]))  # 1-d: ZeRO-3 partitions it
         self.special_tokens = dict(special_tokens or BERT_SPECIAL_TOKENS)  # ids the masking needs
+        layers = config.reconstructor_layers or 0
+        self.reconstructor = Reconstructor(bert_config, layers) if layers else None
+        self.concept_head, self._teacher = None, []
+        if config.teacher_name:
+            self._build_concept_distillation()
         if config.text_weights:
             self.load_text_weights(config.text_weights)
         if config.grad_checkpointing:
@@ -57,7 +67,9 @@ class GritVLP(nn.Module):
         loaded = {k: v for k, v in state.items() if k in ours}
         for key, value in loaded.items():
             if ours[key].shape != value.shape:
-                raise ValueError(f"BERT weights {path}: {key} has shape {tuple(value.shape)}, model {tuple(ours[key].shape)}")
+                raise ValueError(
+                    f"BERT weights {path}: {key} has shape {tuple(value.shape)}, model {tuple(ours[key].shape)}"
+                )
         head = [k for k in ours if k.startswith("mlm_head.")]
         head_loaded = any(k in loaded for k in head)
         required = [k for k in ours if k.startswith("text.") and ".crossattention." not in k]
@@ -71,6 +83,29 @@ class GritVLP(nn.Module):
             len(loaded), "" if head_loaded else " (no MLM head in the checkpoint: it starts new)", new,
             len(set(state) - set(loaded)), sorted(set(state) - set(loaded))[:5],
         )  # fmt: skip
+
+    def _build_concept_distillation(self) -> None:
+        """The student's concept head and, with teacher weights, the frozen teacher. Its class count fixes the
+        head's size, recorded in self.config so an exported model rebuilds the head without the teacher."""
+        from gritvlp.data.transforms import CLIP_MEAN, CLIP_STD
+
+        config, teacher = self.config, None
+        if config.teacher_weights:
+            model = build_teacher_model(config.teacher_name, config.teacher_weights, config.teacher_kwargs)
+            teacher = ConceptTeacher(model, CLIP_MEAN, CLIP_STD)
+            if config.num_concepts and config.num_concepts != teacher.num_classes:
+                raise ValueError(
+                    f"model.num_concepts is {config.num_concepts} but the teacher {config.teacher_name} predicts "
+                    f"{teacher.num_classes} classes"
+                )
+            self.config = dataclasses.replace(config, num_concepts=teacher.num_classes)
+            self._teacher = [teacher]  # a list: never registered, so never trained, checkpointed or exported
+        self.concept_head = nn.Linear(self.vision.width, self.config.num_concepts)
+
+    @property
+    def teacher(self) -> ConceptTeacher | None:
+        """The frozen concept teacher, or None (distillation off, or its targets precomputed)."""
+        return self._teacher[0] if self._teacher else None
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.vision.set_grad_checkpointing(enable)
@@ -93,15 +128,37 @@ class GritVLP(nn.Module):
         tokens = self.vision(images)
         return tokens, normalize_in_fp32(self.vision_proj(tokens[:, 0]))
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, attn_mask=None):
         """Returns text-encoder states [B, L, H] and the normalised projected [CLS] feature [B, E]
-        (in the projection's output dtype)."""
-        hidden = self.text.encode_text(input_ids, attention_mask)
+        (in the projection's output dtype). attn_mask: optional boolean [L, L] or [B, L, L] self-attention mask
+        (query x key, True = may attend), combined with the padding mask; e.g. causal for a unidirectional stream."""
+        hidden = self.text.encode_text(input_ids, attention_mask, attn_mask)
         return hidden, normalize_in_fp32(self.text_proj(hidden[:, 0]))
 
-    def fuse(self, text_hidden: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor):
-        """Fusion-encoder states [B, L, H] of text-encoder states attending to image tokens."""
-        return self.text.fuse(text_hidden, attention_mask, image_embeds)
+    def fuse(self, text_hidden: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor, attn_mask=None):
+        """Fusion-encoder states [B, L, H] of text-encoder states attending to image tokens (attn_mask: as in
+        encode_text; it restricts the self-attention only, never the cross-attention to the image)."""
+        return self.text.fuse(text_hidden, attention_mask, image_embeds, attn_mask)
+
+    def layer_states(self, input_ids, attention_mask, image_embeds, attn_mask=None) -> list[torch.Tensor]:
+        """[B, L, H] states of every text layer, then every fusion layer, of one pass (attn_mask as in encode_text)."""
+        return self.text.all_states(input_ids, attention_mask, image_embeds, attn_mask)
+
+    def reconstruct(self, contexts: list[torch.Tensor], visible: torch.Tensor) -> torch.Tensor:
+        """FLM's reconstruction: one query per text position ([MASK] embedding + that position's embedding) through
+        the reconstructor. contexts: per reconstructor layer, the [B, K, H] states it reads; visible: [B, L, K]
+        bool. Returns [B, L, H], the input of the MLM head."""
+        if self.reconstructor is None:
+            raise RuntimeError("this model has no reconstructor: build it with objectives.text_objective=flm")
+        b, length = visible.shape[:2]
+        mask_ids = torch.full((b, length), self.special_tokens["mask"], dtype=torch.long, device=visible.device)
+        return self.reconstructor(self.text.embeddings(mask_ids), contexts, visible)
+
+    def concept_logits(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """[B, num_concepts] concept logits of the student's head on the image [CLS] token."""
+        if self.concept_head is None:
+            raise RuntimeError("this model has no concept head: set model.teacher_name")
+        return self.concept_head(image_embeds[:, 0])
 
     def itm_logits(self, image_embeds, text_hidden, attention_mask) -> torch.Tensor:
         """[B, 2] image-text matching logits (index 1: match)."""
@@ -121,7 +178,8 @@ class GritVLP(nn.Module):
         checkpoint, so the initialisation files and tokenizer path of the training machine are not used."""
         from gritvlp.config import build_dataclass
 
-        model = {**data["model"], "vision_weights": None, "text_weights": None, "tokenizer": None}
+        model = {**data["model"], "vision_weights": None, "text_weights": None, "teacher_weights": None,
+                 "tokenizer": None}  # fmt: skip
         if "bert_config" in data:
             model["text_config"] = _plain_bert_kwargs(data["bert_config"])
         return cls(build_dataclass(ModelConfig, model, "model."), special_tokens=data.get("special_tokens"))

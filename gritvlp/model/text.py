@@ -128,19 +128,27 @@ class BertEncoder(nn.Module):
         )
         self.grad_checkpointing = False
 
-    def _run(self, layers, x, mask, image=None, image_mask=None):
+    def _states(self, layers, x, mask, image=None, image_mask=None) -> list[torch.Tensor]:
+        """The output of each of `layers`, run in order."""
+        states = []
         for layer in layers:
             if self.grad_checkpointing and self.training:
                 x = checkpoint(layer, x, mask, image, image_mask, use_reentrant=False)
             else:
                 x = layer(x, mask, image, image_mask)
-        return x
+            states.append(x)
+        return states
 
     def text(self, x, mask):
-        return self._run(self.layer[: self.num_text_layers], x, mask)
+        return self._states(self.layer[: self.num_text_layers], x, mask)[-1]
 
     def fusion(self, x, mask, image, image_mask=None):
-        return self._run(self.layer[self.num_text_layers :], x, mask, image, image_mask)
+        return self._states(self.layer[self.num_text_layers :], x, mask, image, image_mask)[-1]
+
+    def all_states(self, x, mask, image, image_mask=None) -> list[torch.Tensor]:
+        """The output of every layer: the text layers', then the fusion layers' (attending to `image`)."""
+        text = self._states(self.layer[: self.num_text_layers], x, mask)
+        return text + self._states(self.layer[self.num_text_layers :], text[-1], mask, image, image_mask)
 
 
 class BertTextFusion(nn.Module):
@@ -154,25 +162,48 @@ class BertTextFusion(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
-        std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-        if isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+        init_bert_weights(module, self.config.initializer_range)
 
-    def encode_text(self, input_ids, attention_mask):
-        return self.encoder.text(self.embeddings(input_ids), key_padding_mask(attention_mask))
+    def encode_text(self, input_ids, attention_mask, attn_mask=None):
+        return self.encoder.text(self.embeddings(input_ids), self_attention_mask(attention_mask, attn_mask))
 
-    def fuse(self, text_hidden, attention_mask, image_embeds):
-        return self.encoder.fusion(text_hidden, key_padding_mask(attention_mask), image_embeds)
+    def fuse(self, text_hidden, attention_mask, image_embeds, attn_mask=None):
+        return self.encoder.fusion(text_hidden, self_attention_mask(attention_mask, attn_mask), image_embeds)
+
+    def all_states(self, input_ids, attention_mask, image_embeds, attn_mask=None) -> list[torch.Tensor]:
+        """[B, L, H] states of every text layer, then of every fusion layer."""
+        mask = self_attention_mask(attention_mask, attn_mask)
+        return self.encoder.all_states(self.embeddings(input_ids), mask, image_embeds)
+
+
+def init_bert_weights(module: nn.Module, std: float) -> None:
+    """BERT's initialisation: normal(0, std) weights, zero biases, unit LayerNorms."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=std)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
 
 
 def key_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """[B, L] 0/1 -> boolean [B, 1, 1, L] for SDPA (True = may attend)."""
     return attention_mask.bool()[:, None, None, :]
+
+
+def self_attention_mask(attention_mask: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The SDPA mask of self-attention: the key-padding mask, restricted by `attn_mask` when one is given
+    (boolean [L, L] or [B, L, L], query x key, True = may attend, e.g. a causal mask).
+
+    Under `attn_mask` every token may also attend to itself: a padding query of a right-to-left stream would
+    otherwise see no key at all, and its NaN state would reach every row through the next layer's values."""
+    mask = key_padding_mask(attention_mask)
+    if attn_mask is None:
+        return mask
+    length = attention_mask.shape[1]
+    itself = torch.eye(length, dtype=torch.bool, device=attention_mask.device)
+    return (mask & attn_mask.reshape(-1, 1, length, length)) | itself
 
 
 class MLMHead(nn.Module):

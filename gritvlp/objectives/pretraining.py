@@ -1,4 +1,5 @@
-"""GRIT-VLP's pre-training objective, composed: ITA (contrastive + consistency) + ITM on hard negatives + MLM.
+"""GRIT-VLP's pre-training objective, composed: ITA (contrastive + consistency) + ITM on hard negatives + a text
+objective (MLM, or FLM: objectives.text_objective) + concept distillation when the model has a concept head.
 
 PretrainingObjective wraps the model; its forward computes every loss of a batch, so DeepSpeed (which wraps this
 module) sees every parameter used inside the engine's forward, ZeRO-3 included: the parameters the losses use
@@ -15,13 +16,16 @@ from torch.profiler import record_function
 from gritvlp.config import ObjectivesConfig
 from gritvlp.model.gritvlp import GritVLP
 
+from .distill import CONCEPT_KEYS, distill_loss, precomputed_targets, teacher_targets
+from .flm import FLM_KEYS, FLM_TERMS, flm_losses, prepare_flm
 from .itc import consistency, contrastive_terms, ita
 from .itm import itm_loss, itm_pairs
 from .mlm import MLM_KEYS, masked_lm_loss, prepare_mlm
 from .stats import similarity_stats
 
-# What forward returns besides the features: the logged terms and metrics
-TERMS = ("loss", "itc", "consistency", "itm", "mlm", "itm_acc", "temp", "sim_pos", "sim_neg", "sim_itm_neg")
+# What forward returns besides the features: the logged terms and metrics (each only when its objective runs)
+TERMS = ("loss", "itc", "consistency", "itm", "mlm", *FLM_TERMS, "distill", "itm_acc", "temp", "sim_pos", "sim_neg",
+         "sim_itm_neg")  # fmt: skip
 
 
 class PretrainingObjective(nn.Module):
@@ -36,9 +40,22 @@ class PretrainingObjective(nn.Module):
         for param in self.model.zero3_external_parameters():
             deepspeed.zero.register_external_parameter(self, param)
 
+    @property
+    def runs_mlm(self) -> bool:
+        return self.config.text_objective == "mlm" and self.config.mlm_weight > 0
+
+    @property
+    def runs_flm(self) -> bool:
+        return self.config.text_objective == "flm" and self.config.flm_weight > 0
+
     def prepare_batch(self, host_batch: dict, generator: torch.Generator | None = None) -> dict:
-        """The host batch plus its MLM inputs, drawn on the CPU (see gritvlp.objectives.mlm.prepare_mlm)."""
-        if self.config.mlm_weight <= 0:
+        """The host batch plus the inputs of its text objective, drawn on the CPU (see
+        gritvlp.objectives.mlm.prepare_mlm and gritvlp.objectives.flm.prepare_flm)."""
+        if self.runs_flm:
+            flm = prepare_flm(host_batch["input_ids"], host_batch["attention_mask"],
+                              corruption_rate=self.config.flm_corruption_rate, generator=generator)  # fmt: skip
+            return {**host_batch, **flm}
+        if not self.runs_mlm:
             return host_batch
         tokens = self.model.special_tokens
         mlm = prepare_mlm(
@@ -49,11 +66,12 @@ class PretrainingObjective(nn.Module):
         return {**host_batch, **mlm}
 
     def forward(self, batch: dict) -> dict:
-        """Losses of one batch (keys: image, input_ids, attention_mask, group_id, and the MLM inputs of
-        prepare_batch). Returns 'loss' (the weighted total), each term, metrics and the detached features for the
-        GRIT bank. Without the MLM inputs they are drawn here, after copying input_ids to the host: the slow path
-        (on CUDA the copy waits for the device), for direct use. Each part runs in a profiler range
-        (gritvlp.vision, .text, .itc, .itm, .mlm), which scripts/bench_step.py reads for its breakdown."""
+        """Losses of one batch (keys: image, input_ids, attention_mask, group_id, the MLM or FLM inputs of
+        prepare_batch, and optionally precomputed concept targets concept_ids / concept_probs). Returns 'loss' (the
+        weighted total), each term, metrics and the detached features for the GRIT bank. Without the MLM or FLM
+        inputs they are drawn here, after copying input_ids to the host: the slow path (on CUDA the copy waits for
+        the device), for direct use. Each part runs in a profiler range (gritvlp.vision, .text, .itc, .itm, .mlm,
+        .flm, .distill), which scripts/bench_step.py reads for its breakdown."""
         cfg, model = self.config, self.model
         with record_function("gritvlp.vision"):
             image_embeds, image_feat = model.encode_image(batch["image"])
@@ -78,17 +96,47 @@ class PretrainingObjective(nn.Module):
                 logits = model.itm_logits(pairs.images, pairs.texts, pairs.attention_mask)
                 out["itm"], out["itm_acc"] = itm_loss(logits, pairs.labels, pairs.weights)
                 total = total + cfg.itm_weight * out["itm"]
-        if cfg.mlm_weight > 0:
+        if self.runs_mlm:
             with record_function("gritvlp.mlm"):
                 out["mlm"] = self._mlm(batch, image_embeds)
                 total = total + cfg.mlm_weight * out["mlm"]
+        if self.runs_flm:
+            with record_function("gritvlp.flm"):
+                flm_terms = flm_losses(model, self._with_inputs(batch, FLM_KEYS), image_embeds)
+                out.update({k: v if k == "flm" else v.detach() for k, v in flm_terms.items()})
+                total = total + cfg.flm_weight * out["flm"]
+        if model.concept_head is not None:
+            with record_function("gritvlp.distill"):
+                out["distill"] = self._distill(batch, image_embeds)
+                total = total + cfg.distill_weight * out["distill"]
         out["loss"] = total
         return out
 
+    def _with_inputs(self, batch: dict, keys: tuple[str, ...]) -> dict:
+        """The batch with its host-drawn objective inputs; drawn now when missing (the slow path)."""
+        if all(key in batch for key in keys):
+            return batch
+        device = batch["input_ids"].device
+        return {**batch, **{k: v.to(device) for k, v in self.prepare_batch(batch).items() if k in keys}}
+
+    def _distill(self, batch: dict, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Concept distillation: targets from the batch when it carries them (the teacher is then not run), else
+        from the teacher on this batch's images."""
+        model, temperature = self.model, self.config.distill_temperature
+        if all(key in batch for key in CONCEPT_KEYS):
+            targets, weights = precomputed_targets(
+                batch["concept_ids"], batch["concept_probs"], model.config.num_concepts, temperature
+            )
+        elif model.teacher is not None:
+            images = batch["image"]
+            teacher = model.teacher.to(device=images.device)  # held outside the module tree: moved on first use
+            targets, weights = teacher_targets(teacher, images, temperature)
+        else:
+            raise ValueError("distillation without teacher weights needs precomputed concept targets in every batch")
+        return distill_loss(model.concept_logits(image_embeds), targets, weights, temperature)
+
     def _mlm(self, batch: dict, image_embeds: torch.Tensor) -> torch.Tensor:
-        if not all(key in batch for key in MLM_KEYS):  # the slow path: masks drawn now, on the host
-            device = batch["input_ids"].device
-            batch = {**batch, **{k: v.to(device) for k, v in self.prepare_batch(batch).items() if k in MLM_KEYS}}
+        batch = self._with_inputs(batch, MLM_KEYS)
         masked = self.model.text.encode_text(batch["mlm_input_ids"], batch["attention_mask"])
         fused = self.model.fuse(masked, batch["attention_mask"], image_embeds)
         return masked_lm_loss(self.model.mlm_head, fused, batch["mlm_positions"], batch["mlm_targets"])

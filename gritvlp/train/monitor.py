@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-LOSS_TERMS = ("itc", "consistency", "itm", "mlm")
+LOSS_TERMS = ("itc", "consistency", "itm", "mlm", "flm", "flm_reconstruction", "flm_next", "flm_previous", "distill")
 TRAIN_METRICS = ("itm_acc", "temp")
 SIMILARITIES = ("sim_pos", "sim_neg", "sim_itm_neg")
 
