@@ -169,6 +169,9 @@ class DataConfig:
     randaug_n: int = 2
     randaug_m: int = 7
     num_workers: int = 4
+    # Folder of the binary sample index of the train and test shards (scripts/index_shards.py --out); created when
+    # missing. None: `.gritvlp-index` beside the shards, else the user cache.
+    index_dir: str | None = None
 
     def __post_init__(self) -> None:
         _positive("data", self, "demo_train_samples", "demo_test_samples", "max_words")
@@ -180,6 +183,11 @@ class DataConfig:
         _require(0 <= self.randaug_m <= 10, "data.randaug_m", "must lie in [0, 10] (ALBEF's magnitude scale)",
                  self.randaug_m)  # fmt: skip
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0", self.num_workers)
+        if self.index_dir is not None:
+            folder = Path(self.index_dir).expanduser()
+            _require(self.index_dir.strip() != "", "data.index_dir", "must name a folder (or be null)", self.index_dir)
+            _require(folder.is_dir() or not folder.exists(), "data.index_dir", "names a file, not a folder",
+                     self.index_dir)  # fmt: skip
 
 
 @dataclass

@@ -4,10 +4,12 @@
     python scripts/index_shards.py 's3://bucket/laion/{00000..41455}.tar' --out /shared/index/laion --workers 64
 
 Each shard's part is published (temp file + rename) as soon as it is indexed, so a killed run resumes where it
-stopped; a shard whose size or mtime (remote: version tag) changed is indexed again; a current per-shard
-`<shard>.idx.json` of an earlier release is converted instead of rescanning its tar. The parts are then merged
-into one index of the whole list, which ShardDataset maps (pass the same --out as its index_dir; the default
-location is the one ShardDataset looks in).
+stopped; a shard whose size or mtime (remote: version tag) changed is indexed again, and so is every shard of an
+index written in an older format (logged; format 3 added the KEY.json spans that concept distillation reads); a
+current per-shard `<shard>.idx.json` of an earlier release is converted instead of rescanning its tar. The parts
+are then merged into one index of the whole list, which ShardDataset maps (pass the same --out as its index_dir,
+the config key data.index_dir in training; the default location is the one ShardDataset looks in). --out is
+created when missing.
 """
 
 from __future__ import annotations

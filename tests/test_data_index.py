@@ -1,5 +1,6 @@
 import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from gritvlp.config import ConfigError, load_config
 from gritvlp.data import index as index_mod
 from gritvlp.data.demo import make_demo_shards
 from gritvlp.data.index import BLOCK, MISSING, build_index, first_appearance_ids, open_index
@@ -62,7 +64,7 @@ def _part_mtimes(root: Path) -> dict[str, int]:
 def test_binary_index_matches_the_tars(demo):
     """Every column against tarfile's own view of the demo shards."""
     ds = ShardDataset(demo, eval_transform(32))
-    keys, image, text, image_ids, starts = [], [], [], [], [0]
+    keys, image, text, meta, image_ids, starts = [], [], [], [], [], [0]
     for shard in expand_shards(demo):
         with tarfile.open(shard) as tar:
             members = {m.name: m for m in tar.getmembers()}
@@ -71,6 +73,7 @@ def test_binary_index_matches_the_tars(demo):
                 keys.append(key)
                 image.append((members[name].offset_data, members[name].size))
                 text.append((members[key + ".txt"].offset_data, members[key + ".txt"].size))
+                meta.append((members[key + ".json"].offset_data, members[key + ".json"].size))
                 image_ids.append(json.loads(tar.extractfile(key + ".json").read())["image_id"])
         starts.append(len(keys))
     index = ds.index
@@ -80,6 +83,9 @@ def test_binary_index_matches_the_tars(demo):
     assert np.array_equal(index.image_size, [s for _, s in image])
     assert np.array_equal(index.text_block.astype(np.int64) * BLOCK, [o for o, _ in text])
     assert np.array_equal(index.text_size, [s for _, s in text])
+    assert np.array_equal(index.json_block.astype(np.int64) * BLOCK, [o for o, _ in meta])
+    assert np.array_equal(index.json_size, [s for _, s in meta])
+    assert [index.json_member(row) for row in range(len(index))] == meta
     dense = {}
     assert ds.group_ids.tolist() == [dense.setdefault(i, len(dense)) for i in image_ids]
     assert isinstance(index.image_block, np.memmap) and isinstance(index.group_id, np.memmap)  # mapped, not loaded
@@ -104,6 +110,7 @@ def test_missing_members_and_long_keys(tmp_path):
     ds = ShardDataset(path, eval_transform(16))
     assert list(ds.keys) == [long_key, "textonly", "jsononly", "short"]
     assert ds.index.image_size[1] == MISSING and ds.index.text_size[2] == MISSING
+    assert [ds.index.json_member(row)[1] for row in range(4)] == [-1, -1, 2, -1]  # only "jsononly" has a KEY.json
     assert ds[0]["caption"] == "long" and ds[1] is None and ds[2] is None and ds[3]["caption"] == "short"
     assert len(set(ds.group_ids.tolist())) == 4  # samples without an image are groups of their own
 
@@ -145,6 +152,48 @@ def test_changed_shard_is_indexed_again(tmp_path, monkeypatch):
     ds = ShardDataset(shards, eval_transform(16), index_dir=str(root))
     assert built == [shards[1]] and len(ds) == 4 + 6 + 4
     assert ds[4]["caption"] == "rewritten" and ds.keys[4] == "new0"
+
+
+def _downgrade_to_format_2(root: Path, shards: list[str]) -> None:
+    """Rewrite an index as the previous release wrote it: format 2, no KEY.json columns."""
+    for shard in shards:
+        path = index_mod.part_file(root, shard)
+        with np.load(path) as part:
+            meta = {**json.loads(str(part["meta"])), "version": 2}
+            columns = {name: part[name] for name in part.files if name != "meta" and not name.startswith("json_")}
+        with open(path, "wb") as f:
+            np.savez(f, meta=np.array(json.dumps(meta)), **columns)
+    (set_meta,) = root.glob("*.json")
+    meta = {**json.loads(set_meta.read_text()), "version": 2}
+    set_meta.write_text(json.dumps(meta))
+    for column in ("json_block", "json_size"):
+        (root / meta["columns"] / f"{column}.npy").unlink()
+
+
+def test_index_of_an_older_format_is_rebuilt(tmp_path, monkeypatch, caplog):
+    shards = _many_shards(tmp_path / "shards", 3, 2)
+    root = tmp_path / "index"
+    fresh = _columns(build_index(shards, root, progress=False))
+    _downgrade_to_format_2(root, shards)
+    real, built = index_mod.build_part, []
+    monkeypatch.setattr(index_mod, "build_part", lambda shard: built.append(shard) or real(shard))
+    with caplog.at_level(logging.INFO, logger="gritvlp.data"):
+        ds = ShardDataset(shards, eval_transform(16), index_dir=str(root))
+    assert built == shards  # every part, though no shard changed
+    assert "in format 2, this release reads format 3" in caplog.text
+    assert "3 shard(s) under" in caplog.text and "indexed in an older format" in caplog.text
+    assert all(np.array_equal(a, b) for a, b in zip(_columns(ds.index).values(), fresh.values()))
+    assert ds[5]["caption"] == "a square"
+
+
+def test_index_dir_config_key(tmp_path):
+    absent = tmp_path / "not" / "yet"
+    assert load_config("demo", [f"data.index_dir={absent}"]).data.index_dir == str(absent)  # the builder makes it
+    assert load_config("demo").data.index_dir is None
+    (tmp_path / "file").write_text("")
+    for bad in (tmp_path / "file", ""):
+        with pytest.raises(ConfigError, match="'data.index_dir'"):
+            load_config("demo", [f"data.index_dir='{bad}'"])
 
 
 def test_cli_builds_in_parallel_and_the_dataset_maps_it(tmp_path, monkeypatch):

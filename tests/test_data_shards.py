@@ -242,3 +242,57 @@ def test_dataloader_workers_and_pickle(demo):
     assert all(torch.equal(seen[i], expected[i]) for i in seen)  # same pixels in workers as in the main process
     clone = pickle.loads(pickle.dumps(ds))
     assert torch.equal(clone[3]["image"], expected[3])
+
+
+def _concepts_json(ids, probs, **extra) -> bytes:
+    return json.dumps({"image_id": None, "concepts": {"teacher": "t", "ids": ids, "probs": probs}, **extra}).encode()
+
+
+@pytest.fixture
+def concept_shard(tmp_path):
+    """One sample per way KEY.json can carry (or fail to carry) concepts."""
+    return _write_tar(
+        tmp_path / "concepts.tar",
+        [
+            ("good", {"jpg": _jpg("red"), "txt": b"one", "json": _concepts_json([4, 1], [0.7, 0.2], extra="x")}),
+            ("nofield", {"jpg": _jpg("red"), "txt": b"two", "json": b'{"image_id": 3}'}),
+            ("nojson", {"jpg": _jpg("red"), "txt": b"three"}),
+            ("garbled", {"jpg": _jpg("red"), "txt": b"four", "json": b'{"concepts": {"ids": [1'}),
+            ("mismatched", {"jpg": _jpg("red"), "txt": b"five", "json": _concepts_json([1, 2], [0.5])}),
+            ("negative", {"jpg": _jpg("red"), "txt": b"six", "json": _concepts_json([-1], [0.5])}),
+            ("second", {"jpg": _jpg("blue"), "txt": b"seven", "json": _concepts_json([3], [0.9])}),
+        ],
+    )
+
+
+def _recording_reads(ds: ShardDataset) -> list[tuple[int, int]]:
+    spans, read = [], ds._reader.read_ranges
+    ds._reader.read_ranges = lambda shard_id, ranges: spans.extend(ranges) or read(shard_id, ranges)
+    return spans
+
+
+def test_concepts_read_from_key_json(concept_shard, caplog):
+    ds = ShardDataset(concept_shard, eval_transform(16), read_concepts=True)
+    with caplog.at_level(logging.WARNING, logger="gritvlp.data"):
+        samples = [ds[i] for i in range(len(ds))]
+    assert [s["caption"] for s in samples] == ["one", "two", "three", "four", "five", "six", "seven"]  # none lost
+    assert samples[0]["concepts"] == {"teacher": "t", "ids": [4, 1], "probs": [0.7, 0.2]}  # the field, nothing else
+    assert samples[6]["concepts"]["ids"] == [3]
+    assert [i for i, s in enumerate(samples) if "concepts" in s] == [0, 6]
+    broken = [r for r in caplog.records if "left without concept targets" in r.getMessage()]
+    assert len(broken) == 1 and "garbled" in broken[0].getMessage()  # three broken samples, one line
+    batch = Collator(load_tokenizer())(samples)
+    assert batch["concept_ids"].tolist() == [[4, 1], [0, 0], [0, 0], [0, 0], [0, 0], [0, 0], [3, 0]]
+
+
+def test_concepts_are_not_read_unless_asked(concept_shard):
+    ds = ShardDataset(concept_shard, eval_transform(16))
+    spans = _recording_reads(ds)
+    samples = [ds[i] for i in range(len(ds))]
+    assert all("concepts" not in s for s in samples)
+    json_spans = {ds.index.json_member(i) for i in range(len(ds))}
+    assert len(spans) == 2 * len(ds) and not json_spans & set(spans)
+    asked = ShardDataset(concept_shard, eval_transform(16), read_concepts=True)
+    spans = _recording_reads(asked)
+    asked[0]
+    assert spans[-1] == asked.index.json_member(0)  # the recorder sees a KEY.json read when there is one

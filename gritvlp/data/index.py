@@ -7,10 +7,12 @@ whatever the dataset's size (nothing is parsed or copied per sample). Layout of 
     <set>.json                        the merged index of one shard list: its shards, stamps, sample counts
     <set>.<token>/<column>.npy        its columns
 
-A sample is a row: the data offsets (in 512-byte tar blocks) and sizes of its image and caption members, and its
-group id (samples showing the same image share one; dense, numbered in order of first appearance). A member the
-sample lacks has size MISSING, and its block then names another member of the sample, so that every row can read
-its key from a tar header. Captions stay in the tars.
+A sample is a row of 32 bytes: the data offsets (in 512-byte tar blocks) and sizes of its image, caption and
+KEY.json members, and its group id (samples showing the same image share one; dense, numbered in order of first
+appearance). A member the sample lacks has size MISSING, and its block then names another member of the sample, so
+that every row can read its key from a tar header. Captions and metadata stay in the tars.
+
+Parts and merged indexes carry INDEX_VERSION: one written in another format is out of date, and is rebuilt.
 """
 
 from __future__ import annotations
@@ -35,12 +37,19 @@ from gritvlp.data.remote import is_url, local_path, readable_copy, shard_stamp
 
 log = logging.getLogger("gritvlp.data")
 
-INDEX_VERSION = 2
+INDEX_VERSION = 3  # 3: KEY.json spans (json_block, json_size)
 JSON_INDEX_VERSION = 1  # the per-shard <shard>.idx.json of earlier releases, still read
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 BLOCK = 512  # tar member data always starts on a block boundary
 MISSING = 0xFFFFFFFF  # size of a member the sample lacks
-COLUMNS = {"image_block": np.uint32, "image_size": np.uint32, "text_block": np.uint32, "text_size": np.uint32}
+COLUMNS = {
+    "image_block": np.uint32,
+    "image_size": np.uint32,
+    "text_block": np.uint32,
+    "text_size": np.uint32,
+    "json_block": np.uint32,
+    "json_size": np.uint32,
+}
 _MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # "dir/KEY.ext.more" -> key "dir/KEY", ext "ext.more"
 
 
@@ -162,12 +171,13 @@ def part_columns(rows, shard: str) -> dict[str, np.ndarray]:
     values = []
     for key, members, group in rows:
         ext = next((e for e in IMAGE_EXTS if e in members), None)
-        image, text = members.get(ext) if ext else None, members.get("txt")
+        image, text, meta = members.get(ext) if ext else None, members.get("txt"), members.get("json")
         anchor = image or text or next(iter(members.values()))
-        values.append((*_block_and_size(image, anchor), *_block_and_size(text, anchor), _group_hash(group, shard, key)))
-    table = np.array(values, dtype=np.uint64).reshape(-1, 5)
+        spans = [_block_and_size(member, anchor) for member in (image, text, meta)]
+        values.append((*(value for span in spans for value in span), _group_hash(group, shard, key)))
+    table = np.array(values, dtype=np.uint64).reshape(-1, len(COLUMNS) + 1)
     columns = {name: table[:, i].astype(dtype) for i, (name, dtype) in enumerate(COLUMNS.items())}
-    columns["group_hash"] = table[:, 4]
+    columns["group_hash"] = table[:, len(COLUMNS)]
     return columns
 
 
@@ -213,6 +223,11 @@ def read_part_meta(path: Path) -> dict | None:
 def _part_is_current(path: Path, shard: str) -> bool:
     meta = read_part_meta(path)
     return meta is not None and meta.get("version") == INDEX_VERSION and meta["stamp"] == shard_stamp(shard)
+
+
+def _in_older_format(path: Path) -> bool:
+    meta = read_part_meta(path)
+    return meta is not None and meta.get("version") != INDEX_VERSION
 
 
 # ---------------------------------------------------------------- merging parts into one index
@@ -303,6 +318,8 @@ class SampleIndex:
     image_size: np.ndarray
     text_block: np.ndarray
     text_size: np.ndarray
+    json_block: np.ndarray
+    json_size: np.ndarray
     group_id: np.ndarray
     location: str | None = None
 
@@ -317,6 +334,10 @@ class SampleIndex:
         image = (int(self.image_block[row]) * BLOCK, int(self.image_size[row]))
         text = (int(self.text_block[row]) * BLOCK, int(self.text_size[row]))
         return self.shard_of(row), _missing_as_negative(image), _missing_as_negative(text)
+
+    def json_member(self, row: int) -> tuple[int, int]:
+        """(offset, size) of the sample's KEY.json; size -1 when it has none."""
+        return _missing_as_negative((int(self.json_block[row]) * BLOCK, int(self.json_size[row])))
 
     def anchor_offset(self, row: int) -> int:
         """Data offset of a member of the sample (its image, else another): its tar header holds the key."""
@@ -368,7 +389,11 @@ def open_index(root: str | Path, shards: list[str], verify: bool = True) -> Samp
             meta = json.loads((root / f"{set_digest(shards)}.json").read_text())
         except (OSError, ValueError):
             return None
-        if meta.get("version") != INDEX_VERSION or meta.get("shards") != shards:
+        if meta.get("version") != INDEX_VERSION:
+            log.warning("index %s is in format %s, this release reads format %d (KEY.json spans added): building it "
+                        "again", root, meta.get("version"), INDEX_VERSION)  # fmt: skip
+            return None
+        if meta.get("shards") != shards:
             return None
         if verify:
             stale = _stale_shards(shards, meta["stamps"])
@@ -414,6 +439,10 @@ def build_index(shards: list[str], root: str | Path, workers: int = 1, progress:
     todo = [s for s in shards if not _part_is_current(part_file(root, s), s)]
     if len(todo) < len(shards):
         log.info("%d of %d shards already indexed under %s", len(shards) - len(todo), len(shards), root)
+    older = sum(_in_older_format(part_file(root, s)) for s in todo)
+    if older:
+        log.warning("%d shard(s) under %s were indexed in an older format (this release writes format %d): "
+                    "indexing them again", older, root, INDEX_VERSION)  # fmt: skip
     _index_parts(todo, root, workers, progress)
     metas = [read_part_meta(part_file(root, s)) for s in shards]
     write_set(root, shards, metas)
@@ -452,9 +481,10 @@ def _writable(root: Path) -> bool:
 
 
 def load_index(shards: list[str], index_dir: str | Path | None = None, progress: bool = True) -> SampleIndex:
-    """The shards' index from index_dir (default: beside the shards, else the user cache), built there first when
-    missing or out of date; held in memory when no folder is writable."""
-    roots = [Path(index_dir)] if index_dir else default_roots(shards)
+    """The shards' index from index_dir (default: beside the shards, else the user cache), built there first (the
+    folder created as needed) when missing or out of date (a shard changed, or an older index format); held in
+    memory when no folder is writable."""
+    roots = [Path(index_dir).expanduser()] if index_dir else default_roots(shards)
     for root in roots:
         index = open_index(root, shards)
         if index is not None:

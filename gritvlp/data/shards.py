@@ -11,7 +11,9 @@ from __future__ import annotations
 import glob
 import hashlib
 import io
+import json
 import logging
+import math
 import os
 import tarfile
 from collections.abc import Sequence
@@ -110,18 +112,45 @@ class SampleKeys(Sequence):
         return None
 
 
+def well_formed_concepts(concepts) -> bool:
+    """{"ids": [int >= 0, ...], "probs": [finite number >= 0, ...], ...} with as many ids as probabilities (at
+    least one): what the Collator turns into concept_ids / concept_probs rows."""
+    if not isinstance(concepts, dict):
+        return False
+    ids, probs = concepts.get("ids"), concepts.get("probs")
+    if not (isinstance(ids, list) and isinstance(probs, list) and 0 < len(ids) == len(probs)):
+        return False
+    return all(type(i) is int and i >= 0 for i in ids) and all(_is_probability(p) for p in probs)
+
+
+def _is_probability(value) -> bool:
+    return type(value) in (int, float) and math.isfinite(value) and value >= 0
+
+
 class ShardDataset(torch.utils.data.Dataset):
     """Samples of img2dataset tars by global index (shards concatenated in sorted order).
 
     Returns {"image", "caption", "index", "group_id"}, or None for a corrupt sample (logged, never raised).
     group_ids: samples showing the same image (same image_id in KEY.json, else same image bytes) share an id.
     index_dir: where the sample index lives (default: `.gritvlp-index` in the shards' common folder, else the user
-    cache); it is built there when missing or out of date.
+    cache); it is built there (the folder created) when missing or out of date.
+    read_concepts: also read KEY.json and return its "concepts" field (scripts/precompute_concepts.py's teacher
+    targets) under "concepts"; off, no KEY.json byte is read. A sample whose KEY.json is missing, lacks the field or
+    is broken comes without "concepts" (a broken one is logged once per process), never as None.
     """
 
-    def __init__(self, shards: str | list[str], transform, max_words: int = 30, seed: int = 0, index_dir=None):
+    def __init__(
+        self,
+        shards: str | list[str],
+        transform,
+        max_words: int = 30,
+        seed: int = 0,
+        index_dir=None,
+        read_concepts: bool = False,
+    ):
         self.shards = expand_shards(shards)
         self.transform, self.max_words, self.seed, self.epoch = transform, max_words, seed, 0
+        self.read_concepts, self._logged_broken_concepts = read_concepts, False
         self.index = load_index(self.shards, index_dir, progress=len(self.shards) > 4)
         for shard, lost in zip(self.shards, self.index.truncated):
             if lost:
@@ -149,7 +178,9 @@ class ShardDataset(torch.utils.data.Dataset):
             return self._bad(index, "no caption (.txt)")
         if image_span[1] < 0:
             return self._bad(index, "no image member")
-        image_bytes, text_bytes = self._reader.read_ranges(shard_id, [image_span, text_span])
+        json_span = self.index.json_member(index) if self.read_concepts else (0, -1)
+        spans = [image_span, text_span] + ([json_span] if json_span[1] >= 0 else [])
+        image_bytes, text_bytes, *json_bytes = self._reader.read_ranges(shard_id, spans)
         caption = clean_caption(text_bytes.decode("utf-8", "replace"), self.max_words)
         if not caption:
             return self._bad(index, "empty caption")
@@ -160,7 +191,28 @@ class ShardDataset(torch.utils.data.Dataset):
                 image = self.transform(self._open_image(image_bytes))
             except UndecodableImage as err:
                 return self._bad(index, f"undecodable image ({err})")
-        return {"image": image, "caption": caption, "index": index, "group_id": int(self.group_ids[index])}
+        sample = {"image": image, "caption": caption, "index": index, "group_id": int(self.group_ids[index])}
+        concepts = self._concepts(index, json_bytes[0]) if json_bytes else None
+        return {**sample, "concepts": concepts} if concepts is not None else sample
+
+    def _concepts(self, index: int, data: bytes) -> dict | None:
+        """The "concepts" field of KEY.json; None when there is none, or when it is broken (logged once)."""
+        try:
+            meta = json.loads(data)
+        except (ValueError, RecursionError) as err:  # ValueError covers bad UTF-8 and a shard that shrank (b"")
+            return self._broken_concepts(index, f"unreadable KEY.json ({type(err).__name__})")
+        concepts = meta.get("concepts") if isinstance(meta, dict) else None
+        if concepts is None or well_formed_concepts(concepts):
+            return concepts
+        return self._broken_concepts(index, "malformed 'concepts' in KEY.json")
+
+    def _broken_concepts(self, index: int, reason: str) -> None:
+        if not self._logged_broken_concepts:  # a whole shard set may share the flaw: one line, not one per sample
+            self._logged_broken_concepts = True
+            log.warning("sample %s of %s: %s; left without concept targets (further such samples in this "
+                        "process are not logged)", self.keys[index], self.shards[self.index.shard_of(index)],
+                        reason)  # fmt: skip
+        return None
 
     def _open_image(self, data: bytes) -> Image.Image:
         """The opened image: left undecoded for a transform that decodes it itself (at the size it needs)."""

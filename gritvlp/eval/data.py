@@ -93,11 +93,17 @@ def from_karpathy(ann_file: str | Path, image_root: str | Path, image_size: int,
 
 
 def from_shards(
-    pattern: str, image_size: int, max_words: int = 30, num_workers: int = 0, progress: bool = True
+    pattern: str,
+    image_size: int,
+    max_words: int = 30,
+    num_workers: int = 0,
+    progress: bool = True,
+    index_dir: str | None = None,
 ) -> RetrievalSet:
+    """The retrieval set of img2dataset shards; index_dir: where their sample index lives (ShardDataset's)."""
     from gritvlp.data.shards import ShardDataset
 
-    dataset = ShardDataset(pattern, eval_transform(image_size), max_words=max_words)
+    dataset = ShardDataset(pattern, eval_transform(image_size), max_words=max_words, index_dir=index_dir)
     return from_samples(dataset, num_workers=num_workers, progress=progress)
 
 

@@ -50,12 +50,18 @@ def training_dataset(cfg: Config) -> ShardDataset:
         cfg.model.image_size, tuple(cfg.data.crop_scale), cfg.data.hflip, cfg.data.randaug_n, cfg.data.randaug_m
     )
     pattern = training_shards(cfg)
+    options = {
+        "seed": cfg.train.seed,
+        "index_dir": cfg.data.index_dir,
+        # precomputed teacher targets (scripts/precompute_concepts.py) live in KEY.json: read it only to distil
+        "read_concepts": cfg.model.teacher_name is not None,
+    }
     # Rank 0 builds (and caches) the shard index first, so ranks do not race writing it.
     if is_main():
-        dataset = ShardDataset(pattern, transform, cfg.data.max_words, seed=cfg.train.seed)
+        dataset = ShardDataset(pattern, transform, cfg.data.max_words, **options)
     barrier()
     if not is_main():
-        dataset = ShardDataset(pattern, transform, cfg.data.max_words, seed=cfg.train.seed)
+        dataset = ShardDataset(pattern, transform, cfg.data.max_words, **options)
     if dataset.num_truncated and is_main():
         log.warning("%d samples lost to truncated shards (see warnings above)", dataset.num_truncated)
     return dataset

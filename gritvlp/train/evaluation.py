@@ -30,11 +30,12 @@ class EpochEvaluation:
 
     def _test_set(self, pattern: str) -> RetrievalSet:
         # rank 0 first: it builds (and caches) the test shards' index, so ranks do not race writing it
+        size, words, index_dir = self.cfg.model.image_size, self.cfg.data.max_words, self.cfg.data.index_dir
         if is_main():
-            test_set = from_shards(pattern, self.cfg.model.image_size, self.cfg.data.max_words, progress=True)
+            test_set = from_shards(pattern, size, words, progress=True, index_dir=index_dir)
         barrier()
         if not is_main():
-            test_set = from_shards(pattern, self.cfg.model.image_size, self.cfg.data.max_words, progress=False)
+            test_set = from_shards(pattern, size, words, progress=False, index_dir=index_dir)
         return test_set
 
     @property
