@@ -50,6 +50,10 @@ class ModelConfig:
     # Layers [0, num_text_layers) encode text only; the rest are fusion layers with cross-attention.
     num_text_layers: int = 6
     embed_dim: int = 256
+    # The state the contrastive features and the ITM head read: "cls" (ALBEF, GRIT-VLP) or "mean" (over image
+    # patches / caption tokens; a model trained from scratch leaves the start, where every [CLS] state is alike,
+    # much sooner).
+    feature_pooling: str = "cls"
     temp_init: float = 0.07
     temp_min: float = 0.001
     temp_max: float = 0.5
@@ -69,6 +73,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _positive("model", self, "image_size", "embed_dim", "num_text_layers")
+        _require(self.feature_pooling in ("cls", "mean"), "model.feature_pooling", "must be 'cls' or 'mean'",
+                 self.feature_pooling)  # fmt: skip
         _require(0 < self.temp_min < self.temp_max, "model.temp_min", f"must lie in (0, temp_max={self.temp_max})",
                  self.temp_min)  # fmt: skip
         _require(self.temp_min <= self.temp_init <= self.temp_max, "model.temp_init",
@@ -117,6 +123,10 @@ class ObjectivesConfig:
     mlm_weight: float = 1.0
     mask_prob: float = 0.5
     flm_weight: float = 1.0
+    # The text objective (MLM or FLM) is off before this optimiser step and ramps up over text_ramp_steps after it
+    # (0 and 0: on from the start, as GRIT-VLP). Helps a model trained from scratch align images and texts first.
+    text_start_step: int = 0
+    text_ramp_steps: int = 0
     # FLM's corruption rate r: each prediction loses a span of about r x T of the T caption tokens (at least the
     # target itself). 0, as the FLM reference code's default (span_corruption_rate = 0 in TencentARC/FLM's config).
     flm_corruption_rate: float = 0.0
@@ -131,6 +141,8 @@ class ObjectivesConfig:
             _require(getattr(self, name) >= 0, f"objectives.{name}", "must be >= 0", getattr(self, name))
         _require(self.itm_negatives in ("hardest", "sample"), "objectives.itm_negatives",
                  "must be 'hardest' or 'sample'", self.itm_negatives)  # fmt: skip
+        for name in ("text_start_step", "text_ramp_steps"):
+            _require(getattr(self, name) >= 0, f"objectives.{name}", "must be >= 0", getattr(self, name))
         _require(self.text_objective in TEXT_OBJECTIVES, "objectives.text_objective",
                  f"must be one of {', '.join(TEXT_OBJECTIVES)}", self.text_objective)  # fmt: skip
         _require(0 < self.mask_prob < 1, "objectives.mask_prob", "must lie in (0, 1)", self.mask_prob)
@@ -197,11 +209,16 @@ class EvalConfig:
     test_shards: str = ""
     every_epochs: int = 1
     k_test: int = 128  # candidates re-ranked by ITM per query (ALBEF: 256 COCO, 128 Flickr30k)
+    # What ranks the top k: "itm" (ALBEF: the ITM match logit) or "itm+itc" (BLIP: the logit + the cosine
+    # similarity). The ITC ranking alone is logged too (eval/itc_*).
+    rerank_score: str = "itm"
     batch_size: int = 64
     hard_negatives: bool = True  # the demo's hard-negative accuracy (one attribute or the relation changed)
 
     def __post_init__(self) -> None:
         _positive("eval", self, "k_test", "batch_size")
+        _require(self.rerank_score in ("itm", "itm+itc"), "eval.rerank_score", "must be 'itm' or 'itm+itc'",
+                 self.rerank_score)  # fmt: skip
         _require(self.every_epochs >= 0, "eval.every_epochs", "must be >= 0", self.every_epochs)
 
 

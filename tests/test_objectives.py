@@ -18,8 +18,10 @@ B, L = 6, 9
 
 
 def tiny_objective(**objective_overrides):
+    """The demo model with GRIT-VLP's objectives (hardest ITM negatives, the text objective on from step 0)."""
     cfg = load_config("demo")
-    objectives = dataclasses.replace(cfg.objectives, **objective_overrides)
+    grit = {"itm_negatives": "hardest", "text_start_step": 0, "text_ramp_steps": 0}
+    objectives = dataclasses.replace(cfg.objectives, **{**grit, **objective_overrides})
     torch.manual_seed(0)
     return PretrainingObjective(GritVLP(cfg.model), objectives).eval()  # eval: no dropout, comparable passes
 
@@ -192,3 +194,20 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         objective(batch)["loss"].backward()
         grads.append(torch.cat([p.grad.flatten() for p in objective.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_text_objective_switches_on_at_its_step_and_ramps_up():
+    objective = tiny_objective(text_start_step=10, text_ramp_steps=4)
+    batch = objective.prepare_batch(fixed_batch(), torch.Generator().manual_seed(3))
+    contributions = {}
+    for step in (0, 9, 10, 11, 13, 50):
+        objective.set_step(step)
+        out = objective(batch)
+        others = objective.config.itc_weight * (out["itc"] + objective.config.consistency_weight * out["consistency"])
+        contributions[step] = ((out["loss"] - others - out["itm"]) / out["mlm"]).item()
+    assert contributions[0] == pytest.approx(0.0, abs=1e-6) and contributions[9] == pytest.approx(0.0, abs=1e-6)
+    assert [round(contributions[s], 4) for s in (10, 11, 13, 50)] == [0.25, 0.5, 1.0, 1.0]
+    objective.set_step(0)
+    out = objective(batch)
+    out["loss"].backward()  # still computed while off: every parameter gets a (zero) gradient
+    assert objective.model.mlm_head.bias.grad is not None and objective.model.mlm_head.bias.grad.abs().max() == 0

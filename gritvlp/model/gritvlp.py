@@ -123,17 +123,18 @@ class GritVLP(nn.Module):
 
     # -- encoders -----------------------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor):
-        """Returns image tokens [B, 1+P, Wv] and the normalised projected [CLS] feature [B, E]
-        (in the projection's output dtype: bf16 under bf16 autocast)."""
+        """Returns image tokens [B, 1+P, Wv] and the normalised projected feature [B, E] of the [CLS] token (or of
+        the mean token, model.feature_pooling=mean), in the projection's output dtype (bf16 under bf16 autocast)."""
         tokens = self.vision(images)
-        return tokens, normalize_in_fp32(self.vision_proj(tokens[:, 0]))
+        pooled = tokens[:, 0] if self.config.feature_pooling == "cls" else tokens.mean(1)
+        return tokens, normalize_in_fp32(self.vision_proj(pooled))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, attn_mask=None):
-        """Returns text-encoder states [B, L, H] and the normalised projected [CLS] feature [B, E]
+        """Returns text-encoder states [B, L, H] and the normalised projected [CLS] (or mean) feature [B, E]
         (in the projection's output dtype). attn_mask: optional boolean [L, L] or [B, L, L] self-attention mask
         (query x key, True = may attend), combined with the padding mask; e.g. causal for a unidirectional stream."""
         hidden = self.text.encode_text(input_ids, attention_mask, attn_mask)
-        return hidden, normalize_in_fp32(self.text_proj(hidden[:, 0]))
+        return hidden, normalize_in_fp32(self.text_proj(self._pool_text(hidden, attention_mask)))
 
     def fuse(self, text_hidden: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor, attn_mask=None):
         """Fusion-encoder states [B, L, H] of text-encoder states attending to image tokens (attn_mask: as in
@@ -161,8 +162,16 @@ class GritVLP(nn.Module):
         return self.concept_head(image_embeds[:, 0])
 
     def itm_logits(self, image_embeds, text_hidden, attention_mask) -> torch.Tensor:
-        """[B, 2] image-text matching logits (index 1: match)."""
-        return self.itm_head(self.fuse(text_hidden, attention_mask, image_embeds)[:, 0])
+        """[B, 2] image-text matching logits (index 1: match) of the fused [CLS] state (or the mean fused state,
+        model.feature_pooling=mean)."""
+        fused = self.fuse(text_hidden, attention_mask, image_embeds)
+        return self.itm_head(self._pool_text(fused, attention_mask))
+
+    def _pool_text(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.config.feature_pooling == "cls":
+            return hidden[:, 0]
+        weights = attention_mask.to(hidden.dtype)[..., None]  # the mean over the caption's tokens
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
 
     # -- saving and loading ------------------------------------------------------------------------
     def config_dict(self) -> dict:

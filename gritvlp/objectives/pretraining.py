@@ -33,6 +33,15 @@ class PretrainingObjective(nn.Module):
         super().__init__()
         self.model = model
         self.config = config
+        self.text_scale = 1.0  # of the text objective's weight; see set_step
+
+    def set_step(self, global_step: int) -> None:
+        """The text objective (MLM / FLM) switches on at objectives.text_start_step and ramps up linearly over
+        objectives.text_ramp_steps: its large early gradients, clipped together with ITC's, would otherwise hold
+        back the contrastive alignment of a model trained from scratch. Still computed while off (weight 0), so
+        every parameter gets a gradient at every step."""
+        start, ramp = self.config.text_start_step, self.config.text_ramp_steps
+        self.text_scale = min(1.0, max(0.0, (global_step - start + 1) / ramp)) if ramp else float(global_step >= start)
 
     def register_zero3_external_parameters(self) -> None:
         import deepspeed
@@ -99,12 +108,12 @@ class PretrainingObjective(nn.Module):
         if self.runs_mlm:
             with record_function("gritvlp.mlm"):
                 out["mlm"] = self._mlm(batch, image_embeds)
-                total = total + cfg.mlm_weight * out["mlm"]
+                total = total + self.text_scale * cfg.mlm_weight * out["mlm"]
         if self.runs_flm:
             with record_function("gritvlp.flm"):
                 flm_terms = flm_losses(model, self._with_inputs(batch, FLM_KEYS), image_embeds)
                 out.update({k: v if k == "flm" else v.detach() for k, v in flm_terms.items()})
-                total = total + cfg.flm_weight * out["flm"]
+                total = total + self.text_scale * cfg.flm_weight * out["flm"]
         if model.concept_head is not None:
             with record_function("gritvlp.distill"):
                 out["distill"] = self._distill(batch, image_embeds)

@@ -162,6 +162,7 @@ class Trainer:
         with record_function("gritvlp.data"):
             batch, usable = self._device_batch(host_batch)
         torch.manual_seed(step_seed(self.cfg.train.seed, self.state.micro_step, self.rank))
+        self.objective.set_step(self.state.global_step)
         out, finite = forward_backward(self.engine, batch, usable, self.guard)
         if self.schedule is not None:
             if usable:
