@@ -42,6 +42,7 @@ def parse_args(argv=None):
     parser.add_argument("--max-words", type=int, default=30)
     parser.add_argument("--max-tokens", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64, help="images per encoding batch")
+    parser.add_argument("--rerank-score", choices=("itm", "itm+itc"), default="itm", help="ALBEF's ITM logit or BLIP's logit + cosine similarity")  # fmt: skip
     parser.add_argument("--itm-batch-size", type=int, default=256, help="image-text pairs per ITM batch")
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default: fp16 on CUDA, fp32 on CPU")
@@ -93,7 +94,7 @@ def main(argv=None) -> dict:
         sys.exit(f"error: {err}")
     result = evaluate_retrieval(
         model, data, args.k_test, device, tokenizer, batch_size=args.batch_size, itm_batch_size=args.itm_batch_size,
-        max_tokens=args.max_tokens, num_workers=args.num_workers, progress=is_main,
+        max_tokens=args.max_tokens, num_workers=args.num_workers, progress=is_main, rerank_score=args.rerank_score,
     )  # fmt: skip
     if is_main:
         print(json.dumps(result, indent=2))

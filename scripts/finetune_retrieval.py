@@ -39,6 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--dataset", choices=("coco", "flickr30k"), default="coco", help="default epochs and k_test")
     p.add_argument("--epochs", type=int, help="default: 5 coco, 10 flickr30k")
     p.add_argument("--k-test", type=int, help="candidates re-ranked by ITM per query (default: 256 coco, 128 flickr30k)")  # fmt: skip
+    p.add_argument("--rerank-score", choices=("itm", "itm+itc"), default="itm", help="ALBEF's ITM logit or BLIP's logit + cosine similarity")  # fmt: skip
     p.add_argument("--image-size", type=int, default=384)
     p.add_argument("--lr", type=float, default=1e-5, help="replaces the DeepSpeed config's learning rate")
     p.add_argument("--min-lr-ratio", type=float, default=0.1)

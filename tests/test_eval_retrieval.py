@@ -138,6 +138,29 @@ def test_top_k_candidates_are_rescored_by_itm_and_the_rest_get_minus_100():
     assert result["txt_r1"] == 100.0 and result["img_r1"] == 100.0  # ITC alone ranks every match second
 
 
+def test_itm_plus_itc_adds_the_cosine_similarity_to_the_logit():
+    n = 4
+    ids = torch.arange(n)
+    itc = torch.zeros(n, n)  # image i: caption i+1 most similar (0.9), then its own caption (0.5)
+    itc[ids, (ids + 1) % n] = 0.9
+    itc[ids, ids] = 0.5
+    itm = torch.ones(n, n)  # an ITM that sees no difference: the ITC order must survive
+    encoded = EncodedSet(
+        image_tokens=ids.float()[:, None, None].expand(n, 2, 3).clone(),
+        image_feat=itc,
+        text_hidden=ids.float()[:, None, None].expand(n, 5, 3).clone(),
+        text_feat=torch.eye(n),
+        attention_mask=torch.ones(n, 5, dtype=torch.long),
+    )
+    i2t, _ = score_matrices(TableITM(itm), encoded, k_test=2, progress=False, rerank_score="itm+itc")
+    for i in range(n):
+        assert i2t[i, i] == pytest.approx(1.5) and i2t[i, (i + 1) % n] == pytest.approx(1.9)
+    plain, _ = score_matrices(TableITM(itm), encoded, k_test=2, progress=False)
+    assert plain[0, 0] == plain[0, 1] == 1.0  # ALBEF's score: a tie the ITC order no longer breaks
+    with pytest.raises(ValueError, match="rerank_score"):
+        score_matrices(TableITM(itm), encoded, k_test=2, progress=False, rerank_score="itc")
+
+
 # ---------------------------------------------------------------- real (tiny, random) model
 
 
@@ -250,7 +273,9 @@ def test_shards_end_to_end_through_the_cli_match_a_brute_force_itm(export, demo_
     score_i2t, score_t2i = score_matrices(model, encode_set(model, data, tokenizer, "cpu", progress=False), 1000, progress=False)  # fmt: skip
     torch.testing.assert_close(score_i2t, every_pair, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(score_t2i, every_pair.T, rtol=1e-4, atol=1e-4)
-    assert result == pytest.approx({**retrieval_metrics(score_i2t, score_t2i, data.txt2img), "num_images": n_img, "num_captions": n_txt, "k_test": 1000})  # fmt: skip
+    reranked = {k: v for k, v in result.items() if not k.startswith("itc_")}
+    assert reranked == pytest.approx({**retrieval_metrics(score_i2t, score_t2i, data.txt2img), "num_images": n_img, "num_captions": n_txt, "k_test": 1000})  # fmt: skip
+    assert set(result) - set(reranked) == {f"itc_{k}" for k in retrieval_metrics(score_i2t, score_t2i, data.txt2img)}
 
 
 def test_evaluate_retrieval_takes_a_caption_dataset_and_restores_training_mode(export, demo_test_split):
@@ -281,3 +306,19 @@ def test_a_deepspeed_checkpoint_folder_loads_like_its_export(export, tmp_path):
 def test_tokenizer_comes_from_the_export_folder(export):
     model = load_model(export)
     assert load_model_tokenizer(export, model).vocab == load_tokenizer(None).vocab
+
+
+def test_itc_metrics_rank_by_similarity_alone():
+    import torch
+
+    from gritvlp.eval.features import EncodedSet
+    from gritvlp.eval.retrieval import itc_metrics
+
+    # 3 images, 4 captions (image 1 has two); caption 3's feature points at image 2, caption 2 at image 0 (wrong)
+    image_feat = torch.eye(3)
+    text_feat = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0.9, 0.1, 0], [0, 0, 1]])
+    encoded = EncodedSet(None, image_feat, None, text_feat, None)
+    metrics = itc_metrics(encoded, torch.tensor([0, 1, 1, 2]), chunk_size=2)
+    assert metrics["itc_txt_r1"] == 100.0  # every image's best caption is one of its own
+    assert metrics["itc_img_r1"] == 75.0  # caption 2 ranks image 0 first
+    assert metrics["itc_img_r5"] == 100.0

@@ -3,7 +3,9 @@
 1. Encode every image and caption once; rank all candidates of each query by ITC similarity (computed in
    chunks of queries, keeping only each query's top k).
 2. Re-rank each query's top k with the fusion encoder + ITM head: a top-k candidate scores its ITM match
-   logit, every other candidate -100 (ALBEF's score matrices).
+   logit, every other candidate -100 (ALBEF's score matrices). rerank_score="itm+itc" adds the candidate's
+   cosine similarity to the logit (BLIP's protocol), so a matching head that has not learned yet leaves the
+   ITC order as it is instead of scrambling it.
 3. Recall@1/5/10 both ways (gritvlp.eval.metrics).
 
 Under torch.distributed every rank encodes the whole set, re-ranks a contiguous slice of the queries, and
@@ -23,9 +25,10 @@ from tqdm import tqdm
 
 from .data import RetrievalSet, from_samples
 from .features import EncodedSet, encode_set
-from .metrics import retrieval_metrics
+from .metrics import positive_ranks, recalls, retrieval_metrics
 
 ALBEF_K_TEST = {"coco": 256, "flickr30k": 128}
+RERANK_SCORES = ("itm", "itm+itc")
 NOT_IN_TOP_K = -100.0
 
 
@@ -96,16 +99,20 @@ def _world() -> tuple[int, int]:
 
 
 def rerank(
-    model, encoded: EncodedSet, image_queries: bool, k: int, *, itm_batch_size=256, chunk_size=1024, progress=True
+    model, encoded: EncodedSet, image_queries: bool, k: int, *, itm_batch_size=256, chunk_size=1024, progress=True,
+    rerank_score: str = "itm",
 ) -> TopK:
-    """Top-k by ITC, re-scored by ITM, for every image query (image_queries) or every caption query."""
+    """Top-k by ITC, re-scored by ITM (rerank_score "itm") or by ITM + ITC ("itm+itc"), for every image query
+    (image_queries) or every caption query."""
+    if rerank_score not in RERANK_SCORES:
+        raise ValueError(f"rerank_score must be one of {RERANK_SCORES}, got {rerank_score!r}")
     query_feat, candidate_feat = (
         (encoded.image_feat, encoded.text_feat) if image_queries else (encoded.text_feat, encoded.image_feat)
     )
     num_queries, k = query_feat.shape[0], min(k, candidate_feat.shape[0])
     rank, world_size = _world()
     rows = query_slice(num_queries, rank, world_size)
-    _, top_idx = topk_similarity(query_feat[rows], candidate_feat, k, chunk_size)
+    top_sim, top_idx = topk_similarity(query_feat[rows], candidate_feat, k, chunk_size)
     query_idx = torch.arange(rows.start, rows.stop, device=top_idx.device)[:, None].expand_as(top_idx).flatten()
     image_idx, text_idx = (query_idx, top_idx.flatten()) if image_queries else (top_idx.flatten(), query_idx)
     largest_slice = math.ceil(num_queries / world_size) * k
@@ -114,7 +121,10 @@ def rerank(
     scores = itm_match_scores(
         model, encoded, image_idx, text_idx, itm_batch_size, num_batches, progress=progress and rank == 0, desc=desc
     )
-    return _combine(TopK(top_idx, scores.view(-1, k)), rows, num_queries)
+    scores = scores.view(-1, k)
+    if rerank_score == "itm+itc":
+        scores = scores + top_sim
+    return _combine(TopK(top_idx, scores), rows, num_queries)
 
 
 def _combine(local: TopK, rows: slice, num_queries: int) -> TopK:
@@ -133,9 +143,11 @@ def _combine(local: TopK, rows: slice, num_queries: int) -> TopK:
 
 
 @torch.no_grad()
-def score_matrices(model, encoded: EncodedSet, k_test: int, *, itm_batch_size=256, chunk_size=1024, progress=True):
+def score_matrices(
+    model, encoded: EncodedSet, k_test: int, *, itm_batch_size=256, chunk_size=1024, progress=True, rerank_score="itm"
+):
     """ALBEF's score_matrix_i2t [N_img, N_txt] and score_matrix_t2i [N_txt, N_img], on the CPU."""
-    options = dict(itm_batch_size=itm_batch_size, chunk_size=chunk_size, progress=progress)
+    options = dict(itm_batch_size=itm_batch_size, chunk_size=chunk_size, progress=progress, rerank_score=rerank_score)
     i2t = rerank(model, encoded, True, k_test, **options)
     t2i = rerank(model, encoded, False, k_test, **options)
     return i2t.dense(encoded.text_feat.shape[0]), t2i.dense(encoded.image_feat.shape[0])
@@ -164,12 +176,14 @@ def evaluate_retrieval(
     max_tokens: int = 30,
     num_workers: int = 0,
     progress: bool = True,
+    rerank_score: str = "itm",
 ) -> dict:
     """TR/IR@1/5/10, their means and r_mean (ALBEF's names, percentages) plus the set's size.
 
     model: a GritVLP (or anything with encode_image, encode_text, itm_logits) already on device.
     data: a RetrievalSet, a caption dataset such as ShardDataset's test split, or a DataLoader over one.
-    tokenizer: defaults to the model config's. Every rank of an initialised process group must call this.
+    rerank_score: "itm" (ALBEF) or "itm+itc" (BLIP), see the module docstring; the ITC ranking alone is
+    reported too (itc_*). tokenizer: defaults to the model config's. Every rank of an initialised process group must call this.
     """
     if tokenizer is None:
         from gritvlp.data.text import load_tokenizer
@@ -185,8 +199,32 @@ def evaluate_retrieval(
             model, data, tokenizer, device, batch_size=batch_size, text_batch_size=text_batch_size,
             max_tokens=max_tokens, num_workers=num_workers, progress=show,
         )  # fmt: skip
-        score_i2t, score_t2i = score_matrices(model, encoded, k_test, itm_batch_size=itm_batch_size, progress=show)
+        score_i2t, score_t2i = score_matrices(
+            model, encoded, k_test, itm_batch_size=itm_batch_size, progress=show, rerank_score=rerank_score
+        )
     finally:
         model.train(was_training)
     result = retrieval_metrics(score_i2t, score_t2i, data.txt2img)
+    result.update(itc_metrics(encoded, data.txt2img))
     return {**result, "num_images": data.num_images, "num_captions": len(data.captions), "k_test": k_test}
+
+
+def itc_metrics(encoded: EncodedSet, txt2img: torch.Tensor, chunk_size: int = 1024) -> dict[str, float]:
+    """Recall of the ITC similarity alone, before the ITM re-ranking (itc_txt_r1 ... itc_r_mean): what the
+    contrastive features learned, apart from the matching head."""
+    image_feat, text_feat = encoded.image_feat.float(), encoded.text_feat.float()
+    txt2img = txt2img.to(image_feat.device)
+    image_ids = torch.arange(image_feat.shape[0], device=image_feat.device)
+
+    def ranks(queries, candidates, positive_of):
+        parts = []
+        for start in range(0, queries.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            parts.append(positive_ranks(queries[rows] @ candidates.T, positive_of(rows)))
+        return torch.cat(parts)
+
+    text_ranks = ranks(image_feat, text_feat, lambda rows: image_ids[rows, None] == txt2img[None, :])
+    image_ranks = ranks(text_feat, image_feat, lambda rows: txt2img[rows, None] == image_ids[None, :])
+    out = {**recalls(text_ranks, "itc_txt"), **recalls(image_ranks, "itc_img")}
+    out["itc_r_mean"] = (out["itc_txt_r_mean"] + out["itc_img_r_mean"]) / 2
+    return out

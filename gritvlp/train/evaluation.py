@@ -51,6 +51,7 @@ class EpochEvaluation:
         metrics = evaluate_retrieval(
             model, self.retrieval, self.cfg.eval.k_test, self.device, self.tokenizer,
             batch_size=self.cfg.eval.batch_size, max_tokens=self.cfg.data.max_tokens, progress=is_main(),
+            rerank_score=self.cfg.eval.rerank_score,
         )  # fmt: skip
         metrics = {k: float(v) for k, v in metrics.items() if k not in ("num_images", "num_captions", "k_test")}
         if self.on_demo and self.cfg.eval.hard_negatives:

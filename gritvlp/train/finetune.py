@@ -25,7 +25,7 @@ from gritvlp.albef import resample_pos_embed
 from gritvlp.data.collate import Collator
 from gritvlp.eval.hard_negatives import evaluate_hard_negatives, hard_negative_set
 from gritvlp.eval.loading import load_model_tokenizer
-from gritvlp.eval.retrieval import ALBEF_K_TEST, evaluate_retrieval
+from gritvlp.eval.retrieval import ALBEF_K_TEST, RERANK_SCORES, evaluate_retrieval
 from gritvlp.export import fp32_state_dict, load_exported_state, to_fp16
 from gritvlp.model.gritvlp import WEIGHTS_NAME, GritVLP
 from gritvlp.objectives.retrieval import TERMS, RetrievalObjective, freeze_mlm_head, retrieval_objectives
@@ -61,6 +61,7 @@ class FinetuneConfig:
     dataset: str = "coco"  # picks the defaults of epochs and k_test
     epochs: int | None = None  # 5 COCO, 10 Flickr30k
     k_test: int | None = None  # 256 COCO, 128 Flickr30k
+    rerank_score: str = "itm"  # "itm" (ALBEF) or "itm+itc" (BLIP): see gritvlp.eval.retrieval
     image_size: int = 384
     lr: float = 1e-5  # replaces the ds_config optimizer's lr
     min_lr_ratio: float = 0.1  # cosine from lr to 1e-6
@@ -85,6 +86,8 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.dataset not in ALBEF_EPOCHS:
             raise ValueError(f"dataset must be one of {sorted(ALBEF_EPOCHS)}, got {self.dataset!r}")
+        if self.rerank_score not in RERANK_SCORES:
+            raise ValueError(f"rerank_score must be one of {RERANK_SCORES}, got {self.rerank_score!r}")
         if bool(self.train_shards) == bool(self.train_ann):
             raise ValueError("give exactly one of train_shards and train_ann")
         if bool(self.test_shards) == bool(self.test_ann):
@@ -288,7 +291,7 @@ class FineTuner:
         result = evaluate_retrieval(
             model, self.test_set, cfg.k_test, self.device, self.tokenizer, batch_size=cfg.eval_batch_size,
             itm_batch_size=cfg.itm_batch_size, max_tokens=cfg.max_tokens, num_workers=cfg.num_workers,
-            progress=is_main(),
+            progress=is_main(), rerank_score=cfg.rerank_score,
         )  # fmt: skip
         scalars = {f"eval/{key}": result[key] for key in RECALL_KEYS}
         if self.hard_negatives is not None:
