@@ -55,7 +55,7 @@ def parse_args(argv):
     parser.add_argument("--budget-s", type=float, default=150.0, help="training wall time per run (default 150 s)")
     parser.add_argument("--batch", type=int, default=32, help="batch size (default 32, the demo's)")
     parser.add_argument("--log-every", type=int, default=5, help="steps between recorded losses (default 5)")
-    parser.add_argument("--k-test", type=int, default=32, help="ITM re-ranks the top k of ITC (default 32)")
+    parser.add_argument("--k-test", type=int, default=None, help="ITM re-ranks the top k of ITC (default eval.k_test)")
     parser.add_argument("--no-eval", action="store_true", help="skip the zero-shot retrieval")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--ds-config", type=Path, default=ROOT / "ds_configs" / "zero2.json")
@@ -95,6 +95,7 @@ def train_for(cfg, args, dataset, collator, special_tokens) -> tuple[GritVLP, li
         batch = {k: v.to(args.device) for k, v in prepared.items() if torch.is_tensor(v)}
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warmup)
+        objective.set_step(step)  # the preset's text_start_step / text_ramp_steps, as the trainer applies them
         out = objective(batch)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -116,20 +117,23 @@ def retrieval(model, cfg, args, tokenizer) -> dict:
     _, test = ensure_demo_shards(cfg.data.demo_dir, cfg.data.demo_train_samples, cfg.data.demo_test_samples,
                                  seed=cfg.train.seed)  # fmt: skip
     data = from_shards(test, cfg.model.image_size, cfg.data.max_words, progress=False)
-    return evaluate_retrieval(model, data, args.k_test, args.device, tokenizer, max_tokens=cfg.data.max_tokens,
-                              progress=False)  # fmt: skip
+    return evaluate_retrieval(model, data, args.k_test or cfg.eval.k_test, args.device, tokenizer,
+                              max_tokens=cfg.data.max_tokens, progress=False, rerank_score=cfg.eval.rerank_score)  # fmt: skip
 
 
 def table(report: dict) -> str:
     """Markdown: final and time-matched losses per run, then retrieval."""
-    lines = ["| run | time s | steps | samples/s | itc | itm | text loss | TR@1 | IR@1 | r_mean |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    lines = ["| run | time s | steps | samples/s | itc | itm | text loss | TR@1 | IR@1 | mean R@1 | ITC mean R@1 | r_mean |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for name, run in report["runs"].items():
         last, ret = run["records"][-1], run.get("retrieval", {})
         text = last.get("mlm", last.get("flm"))
         cells = [name, f"{last['time_s']:.0f}", str(last["step"]), f"{last['samples'] / last['time_s']:.1f}",
                  f"{last['itc']:.3f}", f"{last.get('itm', float('nan')):.3f}", f"{text:.3f}"]  # fmt: skip
-        cells += [f"{ret[k]:.2f}" if k in ret else "-" for k in ("txt_r1", "img_r1", "r_mean")]
+        if ret:
+            ret = {**ret, "r1_mean": (ret["txt_r1"] + ret["img_r1"]) / 2,
+                   "itc_r1_mean": (ret["itc_txt_r1"] + ret["itc_img_r1"]) / 2}  # fmt: skip
+        cells += [f"{ret[k]:.2f}" if k in ret else "-" for k in ("txt_r1", "img_r1", "r1_mean", "itc_r1_mean", "r_mean")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Losses at matched times (the last record at or before each time):", "",
               "| time s | " + " | ".join(f"{n} itc | {n} itm | {n} text" for n in report["runs"]) + " |",
