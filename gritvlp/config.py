@@ -238,6 +238,7 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 1000  # optimiser steps; a checkpoint is also written at the end
     keep_checkpoints: int = 3
+    compile: bool = False  # torch.compile each transformer block (GritVLP.compile_blocks); ZeRO stages 0-2
     # At the end, rank 0 also writes <output_dir>/export_fp16 (config.json + model.safetensors + tokenizer).
     export_fp16: bool = True
 

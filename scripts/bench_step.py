@@ -16,6 +16,9 @@ Variants, on the same model:
 Grouping (gritvlp.sampling.schedule.GritSchedule building the next order from a full bank) runs once per L = sampling.bank_size samples; it is timed once on
 L random features in search spaces of M = sampling.search_space and charged to each step as t * B / L.
 
+With --compile every transformer block is compiled (GritVLP.compile_blocks, as train.compile=true does) once its
+FLOPs are counted; the compilation happens in the --warmup steps (captions of random lengths: give it 3 or more).
+
 Per variant: median step time over --steps after --warmup, samples/s, peak memory (CUDA), model FLOPs of one
 forward + backward (counted once by torch.utils.flop_counter on the reference kernels, so both GRIT variants are
 charged the same work), achieved TFLOP/s and MFU against the device's dense bf16 peak. On CUDA a few more steps run
@@ -85,6 +88,8 @@ def parse_args(argv):
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/step_<device>.json)")
     parser.add_argument("--breakdown-steps", type=int, default=3, help="steps profiled for the per-phase breakdown")
     parser.add_argument("--profile", type=Path, default=None, help="write each variant's profiler table beside PATH")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile every transformer block (train.compile); compiles during --warmup")  # fmt: skip
     args = parser.parse_args(argv)
     unknown = set(args.variants.split(",")) - set(VARIANTS)
     if unknown:
@@ -335,6 +340,8 @@ def run_variant(name: str, cfg, args, device, dtype, settings, peak, flops_by_ob
         if key not in flops_by_objectives:
             flops_by_objectives[key] = count_flops(run, step=0)
         flops = flops_by_objectives[key]
+        if args.compile:  # after counting: the FLOPs are the eager model's, the same work
+            run.engine.objective.model.compile_blocks()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         for step in range(args.warmup):
@@ -484,6 +491,7 @@ def main(argv=None) -> dict:
         "steps": args.steps,
         "warmup": args.warmup,
         "peak_tflops": peak,
+        "compile": args.compile,
         "note": "fused Triton kernels on CUDA" if device.type == "cuda" else (
             "CPU: the loss kernels run their PyTorch reference in every variant, so grit and grit_reference_kernels "
             "run the same code; no MFU, no peak memory, no sync check"
@@ -506,7 +514,7 @@ def main(argv=None) -> dict:
     report["grouping"] = isolated(lambda: time_grouping(cfg, args.batch, device), device)
     report["ratios"] = ratios(report["variants"], report["grouping"])
     print_table(report)
-    out_path = args.out or ROOT / "benchmarks" / f"step_{device.type}.json"
+    out_path = args.out or ROOT / "benchmarks" / f"step_{device.type}{'_compiled' if args.compile else ''}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out_path}")

@@ -6,7 +6,8 @@
 #   OUT=gpu_check_out bash scripts/gpu_check.sh
 #
 # Packages the machine lacks (liger-kernel for the LM comparison) are installed from wheels in .whl/ when present.
-# Stage limits (seconds) can be changed with T_TESTS, T_ITC, T_LM, T_STEP, T_GROUPING.
+# Stage limits (seconds) can be changed with T_TESTS, T_ITC, T_LM, T_STEP, T_GROUPING,
+# T_STEP_COMPILED (the step with every transformer block compiled, train.compile=true).
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_check_out}"
@@ -47,5 +48,7 @@ stage grouping "${T_GROUPING:-30}" python3 scripts/bench_grouping.py --device cu
     --repeats 2 --out "$OUT/grouping_cuda.json"
 stage step "${T_STEP:-60}" python3 scripts/bench_step.py --steps 10 --warmup 3 --sync-check-steps 2 \
     --profile "$OUT/step_profile.txt" --out "$OUT/step_cuda.json"
+stage step_compiled "${T_STEP_COMPILED:-240}" python3 scripts/bench_step.py --compile --variants plain,grit --steps 10 \
+    --warmup 4 --sync-check-steps 0 --breakdown-steps 0 --out "$OUT/step_cuda_compiled.json"
 echo "== summary"
 cat "$OUT/summary.txt"

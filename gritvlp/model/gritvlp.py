@@ -111,6 +111,17 @@ class GritVLP(nn.Module):
         self.vision.set_grad_checkpointing(enable)
         self.text.encoder.grad_checkpointing = enable
 
+    def compile_blocks(self, **options) -> None:
+        """torch.compile, in place, every transformer block: the ViT blocks, the text and fusion layers and the
+        FLM reconstructor's layers (options go to torch.compile). Per block, as torchtitan does, so the fused loss
+        kernels and the host-side batch preparation stay outside the graphs and one compiled block serves every
+        layer of its kind; in place, so parameter names, checkpoints and exports are those of the eager model."""
+        blocks = [*self.vision.vit.blocks, *self.text.encoder.layer]
+        if self.reconstructor is not None:
+            blocks += list(self.reconstructor.layer)
+        for block in blocks:
+            block.compile(**options)
+
     def temperature(self) -> torch.Tensor:
         """The contrastive temperature as a 0-dim tensor, always within [temp_min, temp_max]."""
         return bounded_temperature(self.temp, self.config.temp_min, self.config.temp_max)[0]

@@ -84,6 +84,8 @@ class Trainer:
         self.schedule = self._grit_schedule() if cfg.sampling.grit else None
         self.total_steps = self._total_steps()
         warmup = (cfg.train.warmup_steps, cfg.train.warmup_start_ratio, cfg.train.min_lr_ratio)
+        if cfg.train.compile:
+            self._compile()
         self.engine = build_engine(self.objective, self.ds_config, self.total_steps, *warmup)
         if zero_stage(self.ds_config) == 3:
             self.objective.register_zero3_external_parameters()
@@ -99,6 +101,13 @@ class Trainer:
         self.epoch_start = self.grouping_seconds = 0.0
 
     # -- set-up ---------------------------------------------------------------------------------------------------
+    def _compile(self) -> None:
+        if zero_stage(self.ds_config) == 3:
+            raise ValueError("train.compile=true needs ZeRO stage 0, 1 or 2: ZeRO-3 gathers parameters in hooks "
+                             "that a compiled block would not run")  # fmt: skip
+        self.objective.model.compile_blocks()
+        log.info("transformer blocks compiled with torch.compile: the first steps of each shape are slow")
+
     def _check_model(self) -> None:
         model = self.objective.model
         if len(self.tokenizer) > model.text.config.vocab_size:
