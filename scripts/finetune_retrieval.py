@@ -15,7 +15,6 @@ OUTPUT_DIR/tensorboard (loss/*, train/*, eval/*). --resume latest continues at t
 """
 
 import argparse
-import logging
 import os
 import sys
 
@@ -71,11 +70,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank = int(os.environ.get("RANK", 0))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
-    )
+    from gritvlp.train.distributed import configure_logging
+
+    configure_logging()
     import dataclasses
 
     from gritvlp.train.finetune import FinetuneConfig, finetune

@@ -10,7 +10,6 @@ Trailing section.key=value arguments override keys of the config (values are par
 """
 
 import argparse
-import logging
 import os
 import sys
 
@@ -35,13 +34,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank = int(os.environ.get("RANK", 0))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
-    )
     from gritvlp.config import ConfigError, load_config
+    from gritvlp.train.distributed import configure_logging
     from gritvlp.train.trainer import train
+
+    configure_logging()
 
     overrides = list(args.overrides)
     if args.output_dir:

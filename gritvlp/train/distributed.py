@@ -12,6 +12,16 @@ import torch.distributed as dist
 log = logging.getLogger("gritvlp.train")
 
 
+def configure_logging() -> None:
+    """Console logging for a launched process: INFO on rank 0, warnings only on the others, each line tagged with its
+    rank. Reads RANK from the launcher's environment, so it can run before the process group exists."""
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
+    )
+
+
 def single_process_defaults() -> None:
     """Lets a plain `python script.py` run as one rank: launchers (deepspeed, torchrun) set these variables."""
     if "RANK" in os.environ or "WORLD_SIZE" in os.environ:

@@ -36,7 +36,7 @@ from gritvlp.train.distributed import init_distributed, reduce_mean
 from gritvlp.train.engine import build_engine, load_ds_config, precision_dtype
 from gritvlp.train.finetune_data import retrieval_test_set, training_dataset
 from gritvlp.train.monitor import Monitor
-from gritvlp.train.step import NonFiniteGuard, forward_backward, step_seed, to_device
+from gritvlp.train.step import NonFiniteGuard, batch_or_fallback, forward_backward, step_seed, to_device
 
 log = logging.getLogger("gritvlp.train")
 
@@ -247,14 +247,9 @@ class FineTuner:
             self.log_step(out, lr)
 
     def _device_batch(self, host_batch: dict) -> tuple[dict, bool]:
-        """A batch that skips left with fewer than 2 samples is replaced by the last good one with its loss zeroed:
-        every rank must run the same forward and backward."""
+        """The step's batch on the device (see batch_or_fallback)."""
         self.state.skipped_samples += host_batch["num_skipped"]
-        usable = host_batch["input_ids"].shape[0] >= 2
-        if usable:
-            self.fallback_batch = host_batch
-        elif self.fallback_batch is None:
-            raise RuntimeError("the first batch of the run has fewer than 2 readable samples: check the data")
+        self.fallback_batch, usable = batch_or_fallback(host_batch, self.fallback_batch)
         return to_device(self.fallback_batch, self.device, self.dtype), usable
 
     def log_step(self, out: dict, lr: float) -> None:

@@ -26,6 +26,17 @@ def step_seed(seed: int, micro_step: int, rank: int, stream: str = "") -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def batch_or_fallback(host_batch: dict, fallback: dict | None) -> tuple[dict, bool]:
+    """The batch to run and whether it is usable. One that skips left with fewer than 2 samples is replaced by the
+    last good one (`fallback`), whose loss the caller then zeroes: every rank must run the same forward and
+    backward."""
+    if host_batch["input_ids"].shape[0] >= 2:
+        return host_batch, True
+    if fallback is None:
+        raise RuntimeError("the first batch of the run has fewer than 2 readable samples: check the data")
+    return fallback, False
+
+
 def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     """Asynchronous copies: tensors the loader did not pin (the MLM inputs) are pinned first, because a copy
     from pageable memory may make the host wait for the device."""

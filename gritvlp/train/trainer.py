@@ -27,7 +27,7 @@ from gritvlp.train.distributed import init_distributed, reduce_mean
 from gritvlp.train.engine import build_engine, load_ds_config, precision_dtype, zero_stage
 from gritvlp.train.evaluation import EpochEvaluation
 from gritvlp.train.monitor import Monitor
-from gritvlp.train.step import NonFiniteGuard, bank_features, forward_backward, step_seed, to_device
+from gritvlp.train.step import NonFiniteGuard, bank_features, batch_or_fallback, forward_backward, step_seed, to_device
 
 log = logging.getLogger("gritvlp.train")
 
@@ -193,14 +193,10 @@ class Trainer:
             self.save()
 
     def _device_batch(self, host_batch: dict) -> tuple[dict, bool]:
-        """The step's batch on the device with its MLM inputs (drawn on the host from the step's seed); a batch
-        that skips left with fewer than 2 samples is replaced by the last good one, whose loss is then zeroed."""
+        """The step's batch on the device with its MLM inputs, drawn on the host from the step's seed (see
+        batch_or_fallback for a batch that skips left too small)."""
         self.state.skipped_samples += host_batch["num_skipped"]
-        usable = host_batch["input_ids"].shape[0] >= 2
-        if usable:
-            self.fallback_batch = host_batch
-        elif self.fallback_batch is None:
-            raise RuntimeError("the first batch of the run has fewer than 2 readable samples: check the data")
+        self.fallback_batch, usable = batch_or_fallback(host_batch, self.fallback_batch)
         seed = step_seed(self.cfg.train.seed, self.state.micro_step, self.rank, "mlm")
         batch = self.objective.prepare_batch(self.fallback_batch, torch.Generator().manual_seed(seed))
         return to_device(batch, self.device, self.dtype), usable
