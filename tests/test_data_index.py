@@ -1,4 +1,3 @@
-import io
 import json
 import logging
 import os
@@ -11,12 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import webdataset as wds
-from PIL import Image
+from test_data_shards import _jpg, _write_tar
 
 from gritvlp.config import ConfigError, load_config
 from gritvlp.data import index as index_mod
-from gritvlp.data.demo import make_demo_shards
 from gritvlp.data.index import BLOCK, MISSING, build_index, first_appearance_ids, open_index
 from gritvlp.data.shards import ShardDataset, expand_shards
 from gritvlp.data.transforms import eval_transform
@@ -24,24 +21,6 @@ from gritvlp.data.transforms import eval_transform
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    train, _ = make_demo_shards(str(root), num_train=24, num_test=4, image_size=32, samples_per_shard=8, progress=False)
-    return train
-
-
-def _jpg(colour, size=16):
-    buf = io.BytesIO()
-    Image.new("RGB", (size, size), colour).save(buf, "JPEG")
-    return buf.getvalue()
-
-
-def _write_tar(path, samples):
-    with wds.TarWriter(str(path), encoder=False, mtime=0) as sink:
-        for key, members in samples:
-            sink.write({"__key__": key, **members})
-    return str(path)
 
 
 def _many_shards(folder: Path, count: int, per_shard: int) -> list[str]:

@@ -14,18 +14,9 @@ from PIL import Image
 
 from gritvlp.data import index as index_mod
 from gritvlp.data.collate import Collator
-from gritvlp.data.demo import make_demo_shards
 from gritvlp.data.shards import ShardDataset, expand_shards
 from gritvlp.data.text import clean_caption, load_tokenizer
 from gritvlp.data.transforms import eval_transform, train_transform
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """24 training samples in 3 shards of 32 px images; returns the brace pattern."""
-    root = tmp_path_factory.mktemp("demo")
-    train, _ = make_demo_shards(str(root), num_train=24, num_test=4, image_size=32, samples_per_shard=8, progress=False)
-    return train
 
 
 def _jpg(colour, size=16):

@@ -7,14 +7,13 @@ import gritvlp.kernels as kernels
 import pytest
 import torch
 import torch.nn.functional as F
+from test_model import B, fixed_batch
 
 from gritvlp.config import load_config
 from gritvlp.model.gritvlp import GritVLP
 from gritvlp.objectives.itm import itm_loss, itm_pairs
 from gritvlp.objectives.mlm import IGNORE_INDEX, mask_tokens
 from gritvlp.objectives.pretraining import PretrainingObjective
-
-B, L = 6, 9
 
 
 def tiny_objective(**objective_overrides):
@@ -24,17 +23,6 @@ def tiny_objective(**objective_overrides):
     objectives = dataclasses.replace(cfg.objectives, **{**grit, **objective_overrides})
     torch.manual_seed(0)
     return PretrainingObjective(GritVLP(cfg.model), objectives).eval()  # eval: no dropout, comparable passes
-
-
-def fixed_batch():
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1000, 3000, (B, L), generator=g)
-    ids[:, 0] = 101
-    mask = torch.ones(B, L, dtype=torch.long)
-    mask[0, 6:] = 0
-    ids[0, 6:] = 0
-    ids[torch.arange(B), mask.sum(1) - 1] = 102
-    return {"image": torch.randn(B, 3, 64, 64, generator=g), "input_ids": ids, "attention_mask": mask}
 
 
 def independent_ita(img, txt, temp, w_cons=0.2):
