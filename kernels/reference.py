@@ -46,6 +46,19 @@ def _select_negatives(s: torch.Tensor, pos: torch.Tensor, offset: int, b: int, m
     return torch.where(invalid.all(dim=1), torch.full_like(idx, -1), idx)
 
 
+def positives(inputs: ITCInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The [B, N] positive masks of the two directions (i2t, t2i): group or caption match, or the extra column."""
+    x = inputs
+    shared = (x.group_ids[:, None] == x.group_ids_all[None, :]) | (x.caption_ids[:, None] == x.caption_ids_all[None, :])
+    cols = torch.arange(shared.shape[1], device=shared.device)
+    return tuple(shared | (cols[None, :] == x.extra_positives[d][:, None]) for d in range(2))
+
+
+def _uniform(s: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of softmax(s_i) against the uniform distribution over the N columns, mean over rows."""
+    return (torch.logsumexp(s, dim=1) - s.mean(dim=1)).mean()
+
+
 def itc_terms(inputs: ITCInputs) -> ITCTerms:
     x = inputs
     b = x.image_feat.shape[0]
@@ -54,16 +67,18 @@ def itc_terms(inputs: ITCInputs) -> ITCTerms:
     temp = x.temp.float().reshape(())
     s_i2t = (x.image_feat.float() @ keys_t.float().T) / temp
     s_t2i = (x.text_feat.float() @ keys_i.float().T) / temp
-    pos = x.group_ids[:, None] == x.group_ids_all[None, :]
+    pos_i2t, pos_t2i = positives(x)
     logp_i2t = F.log_softmax(s_i2t, dim=1)
     logp_t2i = F.log_softmax(s_t2i, dim=1)
     return ITCTerms(
-        loss_i2t=_contrastive(s_i2t, pos, x.hn_beta, x.hn_alpha),
-        loss_t2i=_contrastive(s_t2i, pos, x.hn_beta, x.hn_alpha),
+        loss_i2t=_contrastive(s_i2t, pos_i2t, x.hn_beta, x.hn_alpha),
+        loss_t2i=_contrastive(s_t2i, pos_t2i, x.hn_beta, x.hn_alpha),
         consistency_i2t=-(logp_t2i.detach().exp() * logp_i2t).sum(1).mean(),
         consistency_t2i=-(logp_i2t.detach().exp() * logp_t2i).sum(1).mean(),
-        neg_text_for_image=_select_negatives(s_i2t, pos, x.offset, b, x.negatives, x.generator),
-        neg_image_for_text=_select_negatives(s_t2i, pos, x.offset, b, x.negatives, x.generator),
+        neg_text_for_image=_select_negatives(s_i2t, pos_i2t, x.offset, b, x.negatives, x.generator),
+        neg_image_for_text=_select_negatives(s_t2i, pos_t2i, x.offset, b, x.negatives, x.generator),
+        uniform_i2t=_uniform(s_i2t),
+        uniform_t2i=_uniform(s_t2i),
     )
 
 

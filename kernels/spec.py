@@ -1,22 +1,37 @@
 """The loss kernels' one signature: inputs checked and normalised once, for the fused and the reference versions.
 
-ITC (image-text contrastive terms, both directions):
+ITC (image-text contrastive terms, both directions d = i2t, t2i):
   image_feat, text_feat   [B, D] local, L2-normalised features.
   image_all, text_all     [N, D] features of the whole (gathered) batch, or None for the local batch;
                           the local batch sits at rows [offset, offset + B) of them.
   S_i2t = image_feat @ text_all.T / temp      [B, N]   (keys detached when stop_grad_keys)
   S_t2i = text_feat @ image_all.T / temp      [B, N]
-  Positives: (i, j) with group_ids[i] == group_ids_all[j] (default: j == offset + i), so samples that
-  share an image are positives of each other and never negatives.
+  Positives, per direction d (0 = i2t, 1 = t2i):
+    P^d_i = { j : group_ids[i] == group_ids_all[j]  or  caption_ids[i] == caption_ids_all[j]
+                  or  j == extra_positives[d, i] }
+  group_ids [B] / group_ids_all [N] (default: j == offset + i): samples that share an image are positives of
+  each other and never negatives. caption_ids [B] / caption_ids_all [N] (int64, default: the group ids, so the
+  relation adds nothing): samples with identical normalised captions are positives of each other too. As for
+  the group ids, the *_all ids may be omitted when N == B. extra_positives [2, B] (int64, default all -1):
+  row 0 names for local image i one more column of the N gathered texts that is a positive of i in the i2t
+  direction, row 1 for local text i one more column of the N gathered images (t2i); -1 for none. Its shape is
+  checked on the host; its range [-1, N) on the host for a CPU tensor (ValueError; then copied to the features'
+  device) and on the device otherwise (torch._assert_async: no host synchronisation; a bad index fails the step
+  with a device-side assert).
+  Everything below that names P_i uses the positive set of its own direction, P^d_i.
   Contrastive term per row (DiHT HN-NCE; beta = 0, alpha = 1 is InfoNCE):
     l_i = -1/|P_i| sum_{p in P_i} log( e^{s_ip} / (alpha e^{s_ip} + sum_{j not in P_i} w_ij e^{s_ij}) )
     w_ij = (N - |P_i|) e^{beta s_ij} / sum_{k not in P_i} e^{beta s_ik}
+  loss_d = mean_i l_i of direction d.
   Consistency (GRIT-VLP): c_i2t = -mean_i sum_j sg(p_t2i[i, j]) log p_i2t[i, j], and symmetric,
-  with p = softmax over all N columns.
+  with p = softmax over all N columns (positives play no part).
+  Uniform-target terms (label-smoothed ITC, e.g. MAFA's: ITC = (1 - eps) contrastive + eps uniform):
+    u_d = mean_i ( logsumexp_j s^d_ij - (1/N) sum_j s^d_ij )   over all N columns,
+  the cross-entropy of softmax(s^d_i) against the uniform distribution; d u_d / d s_ij = (p_ij - 1/N) / B.
   ITM negatives: for each local image a local text (and for each local text a local image) that is not
-  a positive: the hardest (argmax of the similarity) or a sample from softmax(S) by the Gumbel-max trick.
-  -1 marks a row with no valid negative.
-  The kernels return the four terms; how they are weighted is the objective's business
+  a positive of that direction (not in P^i2t_i, resp. P^t2i_i): the hardest (argmax of the similarity) or a
+  sample from softmax(S) by the Gumbel-max trick. -1 marks a row with no valid negative.
+  The kernels return the six terms; how they are weighted is the objective's business
   (gritvlp.objectives.itc). A term whose output gets no gradient costs nothing in the backward.
 
 LM (masked-token cross-entropy of hidden @ weight.T + bias against labels, mean over labelled rows):
@@ -45,6 +60,9 @@ class ITCInputs:
     offset: int
     group_ids: torch.Tensor
     group_ids_all: torch.Tensor
+    caption_ids: torch.Tensor  # [B] (the group ids when not given)
+    caption_ids_all: torch.Tensor  # [N]
+    extra_positives: torch.Tensor  # [2, B] long: (i2t, t2i) column of one more positive, or -1
     hn_beta: float
     hn_alpha: float
     negatives: str
@@ -60,6 +78,8 @@ class ITCTerms:
     consistency_t2i: torch.Tensor
     neg_text_for_image: torch.Tensor  # [B] long, local text index or -1
     neg_image_for_text: torch.Tensor  # [B] long, local image index or -1
+    uniform_i2t: torch.Tensor  # cross-entropy of softmax(S_i2t) against the uniform distribution, mean over rows
+    uniform_t2i: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -82,13 +102,17 @@ def itc_inputs(
     offset: int = 0,
     group_ids: torch.Tensor | None = None,
     group_ids_all: torch.Tensor | None = None,
+    caption_ids: torch.Tensor | None = None,
+    caption_ids_all: torch.Tensor | None = None,
+    extra_positives: torch.Tensor | None = None,
     hn_beta: float = 0.0,
     hn_alpha: float = 1.0,
     negatives: str = "hardest",
     stop_grad_keys: bool = True,
     generator: torch.Generator | None = None,
 ) -> ITCInputs:
-    """Checks the ITC arguments and fills the defaults (local batch = gathered batch, one positive per row)."""
+    """Checks the ITC arguments and fills the defaults (local batch = gathered batch, one positive per row, no
+    caption relation, no extra positive)."""
     if image_feat.dim() != 2 or text_feat.shape != image_feat.shape:
         raise ValueError(
             f"image_feat and text_feat must both be [B, D], got {tuple(image_feat.shape)} and {tuple(text_feat.shape)}"
@@ -115,12 +139,40 @@ def itc_inputs(
         group_ids_all = group_ids
     if group_ids.shape != (b,) or group_ids_all.shape != (n,):
         raise ValueError("group_ids must be [B] and group_ids_all [N]")
+    if caption_ids is None:  # the group relation again: adds no positive
+        caption_ids, caption_ids_all = group_ids, group_ids_all
+    elif caption_ids_all is None:
+        if n != b:
+            raise ValueError("caption_ids_all is required when features are gathered")
+        caption_ids_all = caption_ids
+    if caption_ids.shape != (b,) or caption_ids_all.shape != (n,):
+        raise ValueError("caption_ids must be [B] and caption_ids_all [N]")
+    extra_positives = _extra_positives(extra_positives, b, n, image_feat.device)
     if not torch.is_tensor(temp):
         temp = torch.tensor(float(temp), device=image_feat.device)
     return ITCInputs(
-        image_feat, text_feat, temp, image_all, text_all, offset, group_ids, group_ids_all,
-        float(hn_beta), float(hn_alpha), negatives, stop_grad_keys, generator,
+        image_feat, text_feat, temp, image_all, text_all, offset, group_ids, group_ids_all, caption_ids,
+        caption_ids_all, extra_positives, float(hn_beta), float(hn_alpha), negatives, stop_grad_keys, generator,
     )  # fmt: skip
+
+
+def _extra_positives(extra: torch.Tensor | None, b: int, n: int, device: torch.device) -> torch.Tensor:
+    """[2, B] long, -1 where a row has no extra positive. Shape checked on the host; the range [-1, N) on the host
+    for a CPU tensor (ValueError), on the device otherwise (torch._assert_async: the host never waits)."""
+    if extra is None:
+        return torch.full((2, b), -1, dtype=torch.long, device=device)
+    if extra.shape != (2, b):
+        raise ValueError(f"extra_positives must be [2, B] = [2, {b}], got {tuple(extra.shape)}")
+    if extra.is_floating_point() or extra.is_complex() or extra.dtype == torch.bool:
+        raise ValueError(f"extra_positives must hold integer column indices, got {extra.dtype}")
+    extra = extra.long()
+    in_range = ((extra >= -1) & (extra < n)).all()
+    if extra.device.type == "cpu":
+        if not in_range:
+            raise ValueError(f"extra_positives must lie in [-1, {n}) (a column of the gathered batch, or -1)")
+    else:
+        torch._assert_async(in_range, f"extra_positives must lie in [-1, {n})")
+    return extra.to(device)
 
 
 def lm_inputs(
