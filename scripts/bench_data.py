@@ -238,7 +238,7 @@ def write_synthetic_index(root: Path, samples: int) -> list[str]:
     counts = [SAMPLES_PER_SHARD] * (len(shards) - 1) + [samples - SAMPLES_PER_SHARD * (len(shards) - 1)]
     folder = root / f"{index_mod.set_digest(shards)}.synthetic"
     folder.mkdir(parents=True)
-    dtypes = {**index_mod.COLUMNS, "group_id": np.int64}
+    dtypes = {**index_mod.COLUMNS, **{name: np.int64 for name in index_mod.HASH_IDS.values()}}
     arrays = {n: np.lib.format.open_memmap(folder / f"{n}.npy", "w+", d, (samples,)) for n, d in dtypes.items()}
     chunk = 1 << 24
     for start in range(0, samples, chunk):
@@ -249,6 +249,7 @@ def write_synthetic_index(root: Path, samples: int) -> list[str]:
         arrays["text_block"][start : start + n] = rows * 200 + 180
         arrays["text_size"][start : start + n] = 60
         arrays["group_id"][start : start + n] = np.arange(start, start + n) // 2
+        arrays["caption_id"][start : start + n] = np.arange(start, start + n) // 3
     for array in arrays.values():
         array.flush()
     np.save(folder / "shard_start.npy", np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]))

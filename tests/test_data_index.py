@@ -33,7 +33,7 @@ def _many_shards(folder: Path, count: int, per_shard: int) -> list[str]:
 
 
 def _columns(index):
-    return {n: np.asarray(getattr(index, n)) for n in (*index_mod.COLUMNS, "group_id", "shard_start")}
+    return {n: np.asarray(getattr(index, n)) for n in (*index_mod.COLUMNS, "group_id", "caption_id", "shard_start")}
 
 
 def _part_mtimes(root: Path) -> dict[str, int]:
@@ -133,36 +133,59 @@ def test_changed_shard_is_indexed_again(tmp_path, monkeypatch):
     assert ds[4]["caption"] == "rewritten" and ds.keys[4] == "new0"
 
 
-def _downgrade_to_format_2(root: Path, shards: list[str]) -> None:
-    """Rewrite an index as the previous release wrote it: format 2, no KEY.json columns."""
+# What each older format lacks: its part columns and merged columns.
+OLDER_FORMATS = {2: ("json_", ("json_block", "json_size")), 3: ("caption_", ("caption_id",))}
+
+
+def _downgrade(root: Path, shards: list[str], version: int) -> None:
+    """Rewrite an index as an earlier release wrote it: format 2 (no KEY.json columns) or 3 (no caption ids)."""
+    prefix, merged = OLDER_FORMATS[version]
     for shard in shards:
         path = index_mod.part_file(root, shard)
         with np.load(path) as part:
-            meta = {**json.loads(str(part["meta"])), "version": 2}
-            columns = {name: part[name] for name in part.files if name != "meta" and not name.startswith("json_")}
+            meta = {**json.loads(str(part["meta"])), "version": version}
+            columns = {name: part[name] for name in part.files if name != "meta" and not name.startswith(prefix)}
         with open(path, "wb") as f:
             np.savez(f, meta=np.array(json.dumps(meta)), **columns)
     (set_meta,) = root.glob("*.json")
-    meta = {**json.loads(set_meta.read_text()), "version": 2}
+    meta = {**json.loads(set_meta.read_text()), "version": version}
     set_meta.write_text(json.dumps(meta))
-    for column in ("json_block", "json_size"):
+    for column in merged:
         (root / meta["columns"] / f"{column}.npy").unlink()
 
 
-def test_index_of_an_older_format_is_rebuilt(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("version", [2, 3])
+def test_index_of_an_older_format_is_rebuilt(tmp_path, monkeypatch, caplog, version):
     shards = _many_shards(tmp_path / "shards", 3, 2)
     root = tmp_path / "index"
     fresh = _columns(build_index(shards, root, progress=False))
-    _downgrade_to_format_2(root, shards)
+    _downgrade(root, shards, version)
     real, built = index_mod.build_part, []
     monkeypatch.setattr(index_mod, "build_part", lambda shard: built.append(shard) or real(shard))
     with caplog.at_level(logging.INFO, logger="gritvlp.data"):
         ds = ShardDataset(shards, eval_transform(16), index_dir=str(root))
     assert built == shards  # every part, though no shard changed
-    assert "in format 2, this release reads format 3" in caplog.text
+    assert f"in format {version}, this release reads format 4" in caplog.text
     assert "3 shard(s) under" in caplog.text and "indexed in an older format" in caplog.text
     assert all(np.array_equal(a, b) for a, b in zip(_columns(ds.index).values(), fresh.values()))
-    assert ds[5]["caption"] == "a square"
+    assert ds[5]["caption"] == "a square" and ds[5]["caption_id"] == ds[0]["caption_id"]
+
+
+def test_caption_ids_join_identical_normalised_captions_across_shards(tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    captions = [[b"A red circle.", b"a blue star", b"a red  circle"], [b"a Blue star!", b"a green square", b""]]
+    for s, texts in enumerate(captions):
+        _write_tar(folder / f"s{s}.tar", [(f"{s}{i:03d}", {"jpg": _jpg(["red", "blue", "white"][i], 16 + s),
+                                                          "txt": t}) for i, t in enumerate(texts)])  # fmt: skip
+    index = build_index(expand_shards(str(folder)), tmp_path / "index", progress=False)
+    # ALBEF's cleaning: case, punctuation and spacing do not make two captions different
+    assert index.caption_id.tolist() == [0, 1, 0, 1, 2, 3]  # the empty caption is a group of its own
+    assert index.group_id.tolist() == [0, 1, 2, 3, 4, 5]  # every image differs (size)
+    assert np.dtype(index.caption_id.dtype).itemsize + sum(np.dtype(d).itemsize for d in index_mod.COLUMNS.values()) \
+        + np.dtype(index.group_id.dtype).itemsize == 40  # bytes per sample
+    ds = ShardDataset(expand_shards(str(folder)), eval_transform(16), index_dir=str(tmp_path / "index"))
+    assert [ds[i]["caption_id"] for i in (0, 2, 3)] == [0, 0, 1]
 
 
 def test_index_dir_config_key(tmp_path):

@@ -7,8 +7,9 @@ import torch
 
 
 class Collator:
-    """Returns image [b,3,S,S], input_ids / attention_mask [b,L], index / group_id [b], captions, and
-    num_skipped (how many None samples were dropped). A batch of only None has b == 0.
+    """Returns image [b,3,S,S], input_ids / attention_mask [b,L], index / group_id [b] (and caption_id [b] when the
+    samples carry one), captions, and num_skipped (how many None samples were dropped). A batch of only None has
+    b == 0.
 
     When a sample carries "concepts" ({"ids": [...], "probs": [...]}, the teacher's top classes written into the
     shard's KEY.json by scripts/precompute_concepts.py), the batch gets concept_ids [b, K] long and concept_probs
@@ -35,10 +36,18 @@ class Collator:
             "attention_mask": attention_mask,
             "index": torch.tensor([s["index"] for s in good], dtype=torch.long),
             "group_id": torch.tensor([s["group_id"] for s in good], dtype=torch.long),
+            **caption_ids(good),
             "num_skipped": len(samples) - len(good),
             "captions": captions,
             **concept_targets(good),
         }
+
+
+def caption_ids(samples: list[dict]) -> dict[str, torch.Tensor]:
+    """caption_id [b] when every sample has one (samples of the sample index do), else nothing."""
+    if not samples or any("caption_id" not in s for s in samples):
+        return {}
+    return {"caption_id": torch.tensor([s["caption_id"] for s in samples], dtype=torch.long)}
 
 
 def concept_targets(samples: list[dict]) -> dict[str, torch.Tensor]:

@@ -7,10 +7,11 @@ whatever the dataset's size (nothing is parsed or copied per sample). Layout of 
     <set>.json                        the merged index of one shard list: its shards, stamps, sample counts
     <set>.<token>/<column>.npy        its columns
 
-A sample is a row of 32 bytes: the data offsets (in 512-byte tar blocks) and sizes of its image, caption and
-KEY.json members, and its group id (samples showing the same image share one; dense, numbered in order of first
-appearance). A member the sample lacks has size MISSING, and its block then names another member of the sample, so
-that every row can read its key from a tar header. Captions and metadata stay in the tars.
+A sample is a row of 40 bytes: the data offsets (in 512-byte tar blocks) and sizes of its image, caption and
+KEY.json members, its group id (samples showing the same image share one) and its caption id (samples whose
+normalised captions are identical share one); both ids are dense, numbered in order of first appearance, and cost
+nothing to look up at run time. A member the sample lacks has size MISSING, and its block then names another member
+of the sample, so that every row can read its key from a tar header. Captions and metadata stay in the tars.
 
 Parts and merged indexes carry INDEX_VERSION: one written in another format is out of date, and is rebuilt.
 """
@@ -34,10 +35,11 @@ import numpy as np
 from tqdm import tqdm
 
 from gritvlp.data.remote import is_url, local_path, readable_copy, shard_stamp
+from gritvlp.data.text import clean_caption
 
 log = logging.getLogger("gritvlp.data")
 
-INDEX_VERSION = 3  # 3: KEY.json spans (json_block, json_size)
+INDEX_VERSION = 4  # 3: KEY.json spans (json_block, json_size); 4: caption ids
 JSON_INDEX_VERSION = 1  # the per-shard <shard>.idx.json of earlier releases, still read
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 BLOCK = 512  # tar member data always starts on a block boundary
@@ -50,6 +52,8 @@ COLUMNS = {
     "json_block": np.uint32,
     "json_size": np.uint32,
 }
+# per-shard hashes -> the dense id columns of the merged index
+HASH_IDS = {"group_hash": "group_id", "caption_hash": "caption_id"}
 _MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # "dir/KEY.ext.more" -> key "dir/KEY", ext "ext.more"
 
 
@@ -95,8 +99,27 @@ def _group_key(fd: int, members: dict[str, list[int]]) -> str | None:
     return "sha1:" + hashlib.sha1(os.pread(fd, size, offset)).hexdigest()
 
 
-def scan_tar(path: str) -> tuple[list[tuple[str, dict, str | None]], int]:
-    """Samples of a local tar as (key, {ext: [offset, size]}, group key), and how many its damage cost."""
+def _caption_key(fd: int, members: dict[str, list[int]]) -> str | None:
+    """The normalised caption (ALBEF's cleaning, never cut: the identity of two captions does not depend on a
+    run's max_words); None without a caption."""
+    if "txt" not in members:
+        return None
+    offset, size = members["txt"]
+    return clean_caption(os.pread(fd, size, offset).decode("utf-8", "replace"), max_words=1 << 30) or None
+
+
+def with_caption_keys(path: str, rows: list) -> list[tuple[str, dict, str | None, str | None]]:
+    """Rows (key, members, group key) of a local tar with their caption keys added."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return [(key, m, group, _caption_key(fd, m)) for key, m, group, *_ in rows]
+    finally:
+        os.close(fd)
+
+
+def scan_tar(path: str) -> tuple[list[tuple[str, dict, str | None, str | None]], int]:
+    """Samples of a local tar as (key, {ext: [offset, size]}, group key, caption key), and how many its damage
+    cost."""
     members, damaged = _scan_members(path, os.path.getsize(path))
     samples: dict[str, dict[str, list[int]]] = {}
     for name, offset, size in members:
@@ -111,7 +134,7 @@ def scan_tar(path: str) -> tuple[list[tuple[str, dict, str | None]], int]:
         lost = max(1, len(cut))  # at least one: a damaged shard never goes unnoticed
     fd = os.open(path, os.O_RDONLY)
     try:
-        rows = [(key, m, _group_key(fd, m)) for key, m in samples.items()]
+        rows = [(key, m, _group_key(fd, m), _caption_key(fd, m)) for key, m in samples.items()]
     finally:
         os.close(fd)
     return rows, lost
@@ -153,8 +176,9 @@ def part_file(root: str | Path, shard: str) -> Path:
 
 
 def _group_hash(group: str | None, shard: str, key: str) -> int:
-    """64 bits of the group key (two keys colliding would merge two groups: odds about n^2 / 2^65, a few
-    thousandths for a whole 400M-sample dataset); a sample without an image is a group of its own."""
+    """64 bits of a group or caption key (two keys colliding would merge two groups: odds about n^2 / 2^65, a few
+    thousandths for a whole 400M-sample dataset); a sample without one (no image, no caption) is a group of its
+    own."""
     text = group if group is not None else f"none:{shard}:{key}"
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
@@ -167,17 +191,19 @@ def _block_and_size(member: list[int] | None, anchor: list[int]) -> tuple[int, i
 
 
 def part_columns(rows, shard: str) -> dict[str, np.ndarray]:
-    """The columns of one shard's samples; group_hash is turned into group ids when parts are merged."""
+    """The columns of one shard's samples; group_hash and caption_hash are turned into ids when parts are merged."""
     values = []
-    for key, members, group in rows:
+    for key, members, group, caption in rows:
         ext = next((e for e in IMAGE_EXTS if e in members), None)
         image, text, meta = members.get(ext) if ext else None, members.get("txt"), members.get("json")
         anchor = image or text or next(iter(members.values()))
         spans = [_block_and_size(member, anchor) for member in (image, text, meta)]
-        values.append((*(value for span in spans for value in span), _group_hash(group, shard, key)))
-    table = np.array(values, dtype=np.uint64).reshape(-1, len(COLUMNS) + 1)
+        caption_hash = _group_hash(None if caption is None else "caption:" + caption, shard, key)
+        values.append((*(value for span in spans for value in span), _group_hash(group, shard, key), caption_hash))
+    table = np.array(values, dtype=np.uint64).reshape(-1, len(COLUMNS) + 2)
     columns = {name: table[:, i].astype(dtype) for i, (name, dtype) in enumerate(COLUMNS.items())}
     columns["group_hash"] = table[:, len(COLUMNS)]
+    columns["caption_hash"] = table[:, len(COLUMNS) + 1]
     return columns
 
 
@@ -197,8 +223,8 @@ def build_part(shard: str) -> tuple[dict, dict[str, np.ndarray]]:
     """Index one shard: its cached JSON index of an earlier release when current, else a scan of the tar."""
     stamp = shard_stamp(shard)  # before reading: a shard rewritten meanwhile is caught by the next check
     legacy = None if is_url(shard) else read_json_index(shard, stamp)
-    if legacy is not None:
-        rows, lost = legacy["samples"], legacy["truncated"]
+    if legacy is not None:  # its caption keys are read from the tar (the older index has none)
+        rows, lost = with_caption_keys(local_path(shard), legacy["samples"]), legacy["truncated"]
     else:
         with readable_copy(shard) as path:
             rows, lost = scan_tar(path)
@@ -245,18 +271,18 @@ def merge_parts(parts, total: int, alloc: Callable) -> dict[str, np.ndarray]:
     """Concatenate parts (an iterable of column dicts holding `total` rows) into arrays made by
     alloc(name, dtype, length), one part in memory at a time."""
     columns = {name: alloc(name, dtype, total) for name, dtype in COLUMNS.items()}
-    hashes = np.empty(total, np.uint64)
+    hashes = {name: np.empty(total, np.uint64) for name in HASH_IDS}
     start = 0
     for part in parts:
         end = start + len(part["group_hash"])
-        for name in COLUMNS:
-            columns[name][start:end] = part[name]
-        hashes[start:end] = part["group_hash"]
+        for name in (*COLUMNS, *HASH_IDS):
+            (columns if name in COLUMNS else hashes)[name][start:end] = part[name]
         start = end
     if start != total:
         raise ValueError(f"parts hold {start} samples, expected {total}")
-    columns["group_id"] = alloc("group_id", np.int64, total)
-    columns["group_id"][:] = first_appearance_ids(hashes)
+    for hash_name, id_name in HASH_IDS.items():
+        columns[id_name] = alloc(id_name, np.int64, total)
+        columns[id_name][:] = first_appearance_ids(hashes.pop(hash_name))
     return columns
 
 
@@ -266,7 +292,7 @@ def set_digest(shards: list[str]) -> str:
 
 def _load_part_columns(path: Path) -> dict[str, np.ndarray]:
     with np.load(path) as part:
-        return {name: part[name] for name in (*COLUMNS, "group_hash")}
+        return {name: part[name] for name in (*COLUMNS, *HASH_IDS)}
 
 
 def write_set(root: Path, shards: list[str], metas: list[dict]) -> Path:
@@ -321,6 +347,7 @@ class SampleIndex:
     json_block: np.ndarray
     json_size: np.ndarray
     group_id: np.ndarray
+    caption_id: np.ndarray
     location: str | None = None
 
     def __len__(self) -> int:
@@ -359,10 +386,11 @@ def _missing_as_negative(member: tuple[int, int]) -> tuple[int, int]:
 
 
 def load_columns(folder: Path) -> dict[str, np.ndarray]:
-    """Memory-mapped columns. group_id is mapped copy-on-write: a writable array (torch wraps it without
+    """Memory-mapped columns. The id columns are mapped copy-on-write: writable arrays (torch wraps them without
     complaint) whose pages stay shared with every other process unless someone writes to them."""
     columns = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in (*COLUMNS, "shard_start")}
-    columns["group_id"] = np.load(folder / "group_id.npy", mmap_mode="c")
+    for name in HASH_IDS.values():
+        columns[name] = np.load(folder / f"{name}.npy", mmap_mode="c")
     return columns
 
 
@@ -390,7 +418,7 @@ def open_index(root: str | Path, shards: list[str], verify: bool = True) -> Samp
         except (OSError, ValueError):
             return None
         if meta.get("version") != INDEX_VERSION:
-            log.warning("index %s is in format %s, this release reads format %d (KEY.json spans added): building it "
+            log.warning("index %s is in format %s, this release reads format %d (caption ids added): building it "
                         "again", root, meta.get("version"), INDEX_VERSION)  # fmt: skip
             return None
         if meta.get("shards") != shards:

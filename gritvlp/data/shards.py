@@ -130,8 +130,9 @@ def _is_probability(value) -> bool:
 class ShardDataset(torch.utils.data.Dataset):
     """Samples of img2dataset tars by global index (shards concatenated in sorted order).
 
-    Returns {"image", "caption", "index", "group_id"}, or None for a corrupt sample (logged, never raised).
-    group_ids: samples showing the same image (same image_id in KEY.json, else same image bytes) share an id.
+    Returns {"image", "caption", "index", "group_id", "caption_id"}, or None for a corrupt sample (logged, never
+    raised). group_ids: samples showing the same image (same image_id in KEY.json, else same image bytes) share an
+    id; caption_ids: samples whose normalised captions are identical share an id.
     index_dir: where the sample index lives (default: `.gritvlp-index` in the shards' common folder, else the user
     cache); it is built there (the folder created) when missing or out of date.
     read_concepts: also read KEY.json and return its "concepts" field (scripts/precompute_concepts.py's teacher
@@ -161,6 +162,7 @@ class ShardDataset(torch.utils.data.Dataset):
 
     def _attach_views(self) -> None:
         self.group_ids = torch.from_numpy(self.index.group_id)  # shares the mapped pages: no copy per rank
+        self.caption_ids = torch.from_numpy(self.index.caption_id)
         self.keys = SampleKeys(self.index, self._reader)
 
     def __len__(self) -> int:
@@ -191,7 +193,8 @@ class ShardDataset(torch.utils.data.Dataset):
                 image = self.transform(self._open_image(image_bytes))
             except UndecodableImage as err:
                 return self._bad(index, f"undecodable image ({err})")
-        sample = {"image": image, "caption": caption, "index": index, "group_id": int(self.group_ids[index])}
+        sample = {"image": image, "caption": caption, "index": index, "group_id": int(self.group_ids[index]),
+                  "caption_id": int(self.caption_ids[index])}  # fmt: skip
         concepts = self._concepts(index, json_bytes[0]) if json_bytes else None
         return {**sample, "concepts": concepts} if concepts is not None else sample
 
@@ -231,7 +234,7 @@ class ShardDataset(torch.utils.data.Dataset):
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        for view in ("group_ids", "keys"):  # rebuilt over the unpickled index, which maps the files again
+        for view in ("group_ids", "caption_ids", "keys"):  # rebuilt over the unpickled index, which maps the files
             state.pop(view)
         return state
 
