@@ -16,11 +16,12 @@ def walk(img, txt, start=None, group_ids=None, generator=None):
     return group_search_spaces(img[None], txt[None], group_ids=groups, generator=generator, start=first)[0]
 
 
-def epoch_order(img, txt, idx, n, b, search_space, shuffle_batches=True, group_ids=None, seed=0, epoch=0):
+def epoch_order(img, txt, idx, n, b, search_space, shuffle_batches=True, group_ids=None, seed=0, epoch=0,
+                caption_ids=None):  # fmt: skip
     """The next epoch's order on one rank, as training builds it: a bank holding `idx`, grouped, then the samples
     it lacks in random batches, dealt out as the epoch's batches (flattened here)."""
     bank = max(search_space, -(-idx.numel() // search_space) * search_space)
-    schedule = GritSchedule(n, b, 1, bank, search_space, shuffle_batches, group_ids, seed)
+    schedule = GritSchedule(n, b, 1, bank, search_space, shuffle_batches, group_ids, seed, caption_ids=caption_ids)
     schedule.bank.add(img, txt, idx)
     return torch.cat(schedule.next_epoch_batches(epoch, torch.arange(n)))
 
@@ -142,6 +143,22 @@ def test_group_ids_in_epoch_order():
     assert is_perm(order, n)
     g = groups[order]
     assert int((g[1:] == g[:-1]).sum()) <= 4  # only forced at the very end of the walk
+
+
+def test_identical_captions_are_never_consecutive_in_the_walk():
+    """Same-caption samples of different images sit close in feature space: without caption ids the walk pairs
+    them up; with them it never steps from one to another while anything else is left."""
+    n = 240
+    captions = torch.arange(n) // 4  # quadruples share a caption; their features are nearer than any other's
+    img, _ = clustered(n // 4, noise=0.6)
+    txt = img
+    g = torch.Generator().manual_seed(3)
+    img, txt = (F.normalize(x[captions] + 0.02 * torch.randn(n, x.shape[1], generator=g), dim=-1) for x in (img, txt))
+    common = dict(search_space=240, shuffle_batches=False, group_ids=torch.arange(n), seed=1)
+    plain = captions[epoch_order(img, txt, torch.arange(n), n, 8, **common)]
+    handled = captions[epoch_order(img, txt, torch.arange(n), n, 8, **common, caption_ids=captions)]
+    assert int((plain[1:] == plain[:-1]).sum()) > n // 2  # grouping gathers the duplicates
+    assert int((handled[1:] == handled[:-1]).sum()) <= 4  # only forced at the very end of the walk
 
 
 def test_bad_sizes():

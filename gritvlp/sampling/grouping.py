@@ -20,6 +20,7 @@ def group_search_spaces(
     group_ids: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     start: torch.Tensor | None = None,
+    caption_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Greedy GRIT grouping of S search spaces at once: image_feat, text_feat [S, M, D]; returns [S, M] visiting orders.
 
@@ -27,9 +28,10 @@ def group_search_spaces(
     the current image, and to the unvisited sample whose image is most similar to the current text. `counts` [S]
     (optional) marks spaces holding fewer than M real samples (the first counts[s]); their order lists the real
     samples first, the rest is meaningless. `group_ids` [S, M] (optional): a sample of the current one's group is
-    picked only when no other unvisited sample is left. `start` [S] (optional) fixes the first samples instead of
-    drawing them from `generator`. One [S, M, M] similarity product, then M - 1 steps of device ops with no host
-    synchronisation.
+    picked only when no other unvisited sample is left; `caption_ids` [S, M] (optional) likewise for a sample with
+    the current one's caption (the two are positives of each other, never a hard negative pair). `start` [S]
+    (optional) fixes the first samples instead of drawing them from `generator`. One [S, M, M] similarity product,
+    then M - 1 steps of device ops with no host synchronisation.
     """
     s, m, _ = image_feat.shape
     device = image_feat.device
@@ -39,9 +41,10 @@ def group_search_spaces(
     sim = torch.bmm(img, txt.transpose(1, 2))  # sim[s, i, j] = image i . text j
     del img, txt
     sim.nan_to_num_(nan=_SAME_GROUP_SCORE)  # a NaN feature must not win an argmax over visited samples
-    if group_ids is not None:
-        g = group_ids.to(device)
-        sim.masked_fill_(g[:, :, None] == g[:, None, :], _SAME_GROUP_SCORE)
+    for ids in (group_ids, caption_ids):
+        if ids is not None:
+            g = ids.to(device)
+            sim.masked_fill_(g[:, :, None] == g[:, None, :], _SAME_GROUP_SCORE)
     arange_m = torch.arange(m, device=device)
     penalty = torch.zeros(s, m, dtype=dtype, device=device)  # 0 for candidates, -inf once visited
     if counts is None:
@@ -91,17 +94,29 @@ def check_grit_sizes(bank_size: int, search_space: int, batch_size: int, world_s
         raise ValueError(f"bank size L={L} (per rank) must be a positive multiple of the search space M={M}")
 
 
-def _group_rows(image_feat, text_feat, rows, groups, counts, starts, max_elements):
-    """Groups the search spaces rows [S, M] (bank rows) a chunk of spaces at a time; returns [S, M] on CPU."""
+def _group_rows(image_feat, text_feat, rows, id_columns, counts, starts, max_elements):
+    """Groups the search spaces rows [S, M] (bank rows) a chunk of spaces at a time; returns [S, M] on CPU.
+    id_columns: (group ids, caption ids), each [S, M] or None."""
     m, device = rows.shape[1], image_feat.device
     per_chunk = max(1, max_elements // (m * m))
     orders = [torch.empty(0, m, dtype=torch.long)]
     for lo in range(0, rows.shape[0], per_chunk):
         sl = slice(lo, lo + per_chunk)
         r = rows[sl].to(device)
-        g = None if groups is None else groups[sl].to(device)
-        orders.append(group_search_spaces(image_feat[r], text_feat[r], counts[sl], g, start=starts[sl]).cpu())
+        groups, captions = (None if ids is None else ids[sl].to(device) for ids in id_columns)
+        order = group_search_spaces(image_feat[r], text_feat[r], counts[sl], groups, start=starts[sl],
+                                    caption_ids=captions)  # fmt: skip
+        orders.append(order.cpu())
     return torch.cat(orders)
+
+
+def _ids_of(ids, dataset_indices: torch.Tensor) -> torch.Tensor | None:
+    """ids (a tensor or an array indexable by dataset index) of the given dataset indices, as a long tensor."""
+    if ids is None:
+        return None
+    if torch.is_tensor(ids):
+        return ids[dataset_indices].long()
+    return torch.as_tensor(ids[dataset_indices.numpy()]).long()
 
 
 @torch.no_grad()
@@ -113,6 +128,7 @@ def group_bank(
     group_ids: torch.Tensor | None,
     gen: torch.Generator,
     max_elements: int = MAX_SIM_ELEMENTS,
+    caption_ids=None,
 ) -> torch.Tensor:
     """Groups one rank's bank: the dataset indices it holds, in visiting order, search space after search space
     (CPU int64).
@@ -120,7 +136,8 @@ def group_bank(
     The bank (duplicate indices keep their first entry) is shuffled and cut into search spaces of `search_space`
     samples (the last one smaller when the bank is not a multiple), each grouped by group_search_spaces on the
     features' device, in chunks of at most `max_elements` similarity entries. `group_ids` (indexable by dataset
-    index; same-image duplicates): same-group samples are never picked as each other's most similar next sample.
+    index; same-image duplicates) and `caption_ids` (identical captions): samples sharing either are never picked
+    as each other's most similar next sample.
     Deterministic given `gen`.
     """
     idx = torch.as_tensor(indices).detach().flatten().to("cpu", torch.long)
@@ -138,10 +155,7 @@ def group_bank(
     counts = torch.full((s,), m, dtype=torch.long)
     counts[-1] = m - pad
     starts = (torch.rand(s, generator=gen) * counts).long().clamp_(max=m - 1)
-    groups = None
-    if group_ids is not None:
-        groups = torch.as_tensor(group_ids[idx[rows_padded].numpy()] if not torch.is_tensor(group_ids)
-                                 else group_ids[idx[rows_padded]]).long()  # fmt: skip
-    walk = _group_rows(image_feat, text_feat, rows_padded, groups, counts, starts, max_elements)
+    id_columns = tuple(_ids_of(ids, idx[rows_padded]) for ids in (group_ids, caption_ids))
+    walk = _group_rows(image_feat, text_feat, rows_padded, id_columns, counts, starts, max_elements)
     visited = idx[rows_padded.gather(1, walk)]  # dataset indices in visiting order
     return torch.cat([visited[:-1].flatten(), visited[-1, : counts[-1]]])

@@ -41,11 +41,12 @@ class GritSchedule:
         group_ids=None,
         seed: int = 0,
         rank: int = 0,
+        caption_ids=None,
     ):
         check_grit_sizes(bank_size, search_space, batch_size, world_size)
         self.num_samples, self.batch_size, self.world_size, self.rank = num_samples, batch_size, world_size, rank
         self.search_space, self.shuffle_batches = search_space, shuffle_batches
-        self.group_ids, self.seed = group_ids, seed
+        self.group_ids, self.caption_ids, self.seed = group_ids, caption_ids, seed
         self.flush_every = bank_size // batch_size  # micro-steps
         self.bank = FeatureBank(bank_size)
         self.grouping_seconds = self.last_seconds = 0.0
@@ -70,7 +71,8 @@ class GritSchedule:
         image, text, index = self.bank.local()
         if index.numel():
             gen = epoch_generator(self.seed, (epoch * 1_000_003 + len(self.grouped)) * 4099 + self.rank)
-            self.grouped.append(group_bank(image, text, index, self.search_space, self.group_ids, gen))
+            order = group_bank(image, text, index, self.search_space, self.group_ids, gen, caption_ids=self.caption_ids)
+            self.grouped.append(order)
             if image.is_cuda:
                 torch.cuda.synchronize()
         self.bank.reset()
