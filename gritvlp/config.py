@@ -118,6 +118,21 @@ class ObjectivesConfig:
     hn_alpha: float = 1.0
     itm_weight: float = 1.0
     itm_negatives: str = "hardest"  # "hardest" (GRIT) or "sample" (ALBEF)
+    # Samples whose normalised captions are identical are positives of each other: in ITC (as samples of one image
+    # are), never each other's ITM negative and never each other's next sample in the GRIT walk. The caption ids
+    # come from the sample index, so this costs nothing at run time.
+    caption_positives: bool = True
+    # MAFA's smoothed ITC: from epoch itc_smoothing_start_epoch on, ITC = (1 - w) x the contrastive term + w x the
+    # cross-entropy against a uniform target over the batch (MAFA: w = 0.5 from epoch 1, when GRIT batches start).
+    itc_smoothing: float = 0.0
+    itc_smoothing_start_epoch: int = 1
+    # MAFA's efficient connection mining: a frozen, pre-trained filter model (a gritvlp export folder or checkpoint,
+    # or an ALBEF / GRIT-VLP .pth) scores each chosen ITM negative pair with its ITM head. Match probability above
+    # mining_high: the pair becomes a positive (for ITM, MLM and the ITC targets); between mining_low and
+    # mining_high: it is replaced by the next-hardest negative; below: kept. MAFA's code: 0.5 and 0.8. None: off.
+    mining_filter: str | None = None
+    mining_low: float = 0.5
+    mining_high: float = 0.8
     # The language objective on the fused text: "mlm" (GRIT-VLP) or "flm" (free language modeling, FLM).
     text_objective: str = "mlm"
     mlm_weight: float = 1.0
@@ -150,6 +165,19 @@ class ObjectivesConfig:
                  self.flm_corruption_rate)  # fmt: skip
         _require(self.distill_temperature > 0, "objectives.distill_temperature", "must be > 0",
                  self.distill_temperature)  # fmt: skip
+        self._check_false_negative_handling()
+
+    def _check_false_negative_handling(self) -> None:
+        _require(0 <= self.itc_smoothing < 1, "objectives.itc_smoothing", "must lie in [0, 1)", self.itc_smoothing)
+        _require(self.itc_smoothing_start_epoch >= 0, "objectives.itc_smoothing_start_epoch", "must be >= 0",
+                 self.itc_smoothing_start_epoch)  # fmt: skip
+        _require(0 <= self.mining_low <= self.mining_high <= 1, "objectives.mining_low",
+                 f"must satisfy 0 <= mining_low <= mining_high={self.mining_high} <= 1", self.mining_low)  # fmt: skip
+        _existing_path("objectives.mining_filter", self.mining_filter)
+        if self.mining_filter:
+            _require(self.itm_weight > 0, "objectives.itm_weight",
+                     "must be > 0 with objectives.mining_filter set (mining re-labels ITM's negatives)",
+                     self.itm_weight)  # fmt: skip
 
 
 @dataclass

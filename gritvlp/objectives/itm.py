@@ -22,18 +22,24 @@ def itm_pairs(
     attention_mask: torch.Tensor,
     neg_text_for_image: torch.Tensor,
     neg_image_for_text: torch.Tensor,
+    converted: torch.Tensor | None = None,
 ) -> ITMPairs:
     """Stacks B positives, B (negative image, text) and B (image, negative text) pairs, ALBEF's order.
 
     A negative index of -1 (no valid negative in the batch) is replaced by 0 and its pair gets weight 0:
     the pair count stays 3B whatever the negatives are, so no boolean mask (a host sync) is needed.
+    converted [2, B] (connection mining; row 0 for the images' texts, row 1 for the texts' images): those chosen
+    pairs are positives, labelled 1.
     """
     b = image_embeds.shape[0]
     device = image_embeds.device
     rows = torch.arange(b, device=device)
     image_rows = torch.cat([rows, neg_image_for_text.clamp(min=0), rows])
     text_rows = torch.cat([rows, rows, neg_text_for_image.clamp(min=0)])
-    labels = torch.cat([torch.ones(b, dtype=torch.long, device=device), torch.zeros(2 * b, dtype=torch.long, device=device)])
+    negative_labels = torch.zeros(2 * b, dtype=torch.long, device=device)
+    if converted is not None:
+        negative_labels = torch.cat([converted[1], converted[0]]).long()
+    labels = torch.cat([torch.ones(b, dtype=torch.long, device=device), negative_labels])
     has_neg = [(neg_image_for_text >= 0).float(), (neg_text_for_image >= 0).float()]
     weights = torch.cat([torch.ones(b, device=device), *has_neg])
     return ITMPairs(

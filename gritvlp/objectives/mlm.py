@@ -71,9 +71,31 @@ def prepare_mlm(
     return {"mlm_input_ids": corrupted, "mlm_positions": positions, "mlm_targets": flat_labels[positions]}
 
 
-def masked_lm_loss(mlm_head, fused: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def masked_lm_loss(
+    mlm_head,
+    fused: torch.Tensor,
+    positions: torch.Tensor,
+    targets: torch.Tensor,
+    extra: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Cross-entropy of the labelled tokens: fusion states [B, L, H] gathered at the host-computed flat positions
     [n] (a fixed-size index_select: nothing waits for the device to count them), the head's transform, then the
-    fused vocabulary projection + cross-entropy, told every row is labelled (ignore_index=None)."""
+    fused vocabulary projection + cross-entropy, told every row is labelled (ignore_index=None). extra: more
+    labelled (states [m, H], targets [m]) in the same mean (the mined pairs' tokens, see pair_tokens)."""
     rows = fused.reshape(-1, fused.shape[-1]).index_select(0, positions)
+    if extra is not None:
+        rows, targets = torch.cat([rows, extra[0]]), torch.cat([targets, extra[1]])
     return lm_loss(mlm_head(rows), mlm_head.decoder_weight, mlm_head.bias, targets, ignore_index=None)
+
+
+def pair_tokens(
+    pair_fused: torch.Tensor, text_rows: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor, num_texts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The labelled tokens of extra pairs: fusion states [K, L, H] of the masked texts text_rows [K] with other
+    images, at those texts' own masked positions. Counting them waits for the device (mining's host sync)."""
+    length = pair_fused.shape[1]
+    labels = torch.full((num_texts * length,), IGNORE_INDEX, dtype=targets.dtype, device=targets.device)
+    labels[positions] = targets
+    pair_labels = labels.view(num_texts, length)[text_rows].flatten()
+    keep = (pair_labels != IGNORE_INDEX).nonzero().squeeze(1)
+    return pair_fused.reshape(-1, pair_fused.shape[-1])[keep], pair_labels[keep]

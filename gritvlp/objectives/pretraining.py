@@ -1,6 +1,10 @@
 """GRIT-VLP's pre-training objective, composed: ITA (contrastive + consistency) + ITM on hard negatives + a text
 objective (MLM, or FLM: objectives.text_objective) + concept distillation when the model has a concept head.
 
+False negatives are handled as MAFA does: samples with identical captions are positives of each other
+(objectives.caption_positives), a frozen filter model re-judges the chosen ITM negatives (connection mining,
+objectives.mining_filter) and the ITC targets can be smoothed (objectives.itc_smoothing).
+
 PretrainingObjective wraps the model; its forward computes every loss of a batch, so DeepSpeed (which wraps this
 module) sees every parameter used inside the engine's forward, ZeRO-3 included: the parameters the losses use
 outside their own module's forward (the tied MLM decoder) are registered on this module by
@@ -8,6 +12,8 @@ register_zero3_external_parameters().
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn as nn
@@ -17,31 +23,56 @@ from gritvlp.config import ObjectivesConfig
 from gritvlp.model.gritvlp import GritVLP
 
 from .distill import CONCEPT_KEYS, distill_loss, precomputed_targets, teacher_targets
+from .false_negatives import duplicate_pairs, false_negative_stats
 from .flm import FLM_KEYS, FLM_TERMS, flm_losses, prepare_flm
 from .itc import consistency, contrastive_terms, ita
 from .itm import itm_loss, itm_pairs
-from .mlm import MLM_KEYS, masked_lm_loss, prepare_mlm
+from .mining import ConnectionMiner, MinedNegatives, load_filter_model
+from .mlm import MLM_KEYS, masked_lm_loss, pair_tokens, prepare_mlm
 from .stats import similarity_stats
 
+log = logging.getLogger("gritvlp.objectives")
+# The false-negative statistics (gritvlp.objectives.false_negatives; the last two only while mining)
+FALSE_NEGATIVE_TERMS = ("false_negative_share", "itm_false_negative_share", "converted_negatives",
+                        "replaced_negatives")  # fmt: skip
 # What forward returns besides the features: the logged terms and metrics (each only when its objective runs)
 TERMS = ("loss", "itc", "consistency", "itm", "mlm", *FLM_TERMS, "distill", "itm_acc", "temp", "sim_pos", "sim_neg",
-         "sim_itm_neg")  # fmt: skip
+         "sim_itm_neg", *FALSE_NEGATIVE_TERMS)  # fmt: skip
 
 
 class PretrainingObjective(nn.Module):
-    def __init__(self, model: GritVLP, config: ObjectivesConfig):
+    def __init__(self, model: GritVLP, config: ObjectivesConfig, miner: ConnectionMiner | None = None):
+        """miner: connection mining with a filter model already loaded; None loads objectives.mining_filter when
+        it is set."""
         super().__init__()
         self.model = model
         self.config = config
         self.text_scale = 1.0  # of the text objective's weight; see set_step
+        self.smoothing = config.itc_smoothing if config.itc_smoothing_start_epoch == 0 else 0.0  # see set_step
+        if miner is None and config.mining_filter:
+            filter_model = load_filter_model(config.mining_filter, model.config.image_size)
+            miner = ConnectionMiner(filter_model, config.mining_low, config.mining_high)
+        self.miner = miner
+        if miner is not None:
+            self._check_filter(miner.filter)
 
-    def set_step(self, global_step: int) -> None:
+    def _check_filter(self, filter_model) -> None:
+        ours, theirs = self.model.text.config.vocab_size, filter_model.text.config.vocab_size
+        if ours != theirs:
+            raise ValueError(f"the mining filter model has a vocabulary of {theirs} tokens, the model {ours}: the "
+                             "filter must read the same token ids")  # fmt: skip
+        if self.config.text_objective == "flm":
+            log.warning("connection mining with FLM: mined pairs join ITM and the ITC targets, not the FLM batch")
+
+    def set_step(self, global_step: int, epoch: int = 0) -> None:
         """The text objective (MLM / FLM) switches on at objectives.text_start_step and ramps up linearly over
         objectives.text_ramp_steps: its large early gradients, clipped together with ITC's, would otherwise hold
         back the contrastive alignment of a model trained from scratch. Still computed while off (weight 0), so
-        every parameter gets a gradient at every step."""
+        every parameter gets a gradient at every step. ITC's smoothing starts at objectives.itc_smoothing_start_epoch
+        (MAFA: epoch 1, with the first grouped batches)."""
         start, ramp = self.config.text_start_step, self.config.text_ramp_steps
         self.text_scale = min(1.0, max(0.0, (global_step - start + 1) / ramp)) if ramp else float(global_step >= start)
+        self.smoothing = self.config.itc_smoothing if epoch >= self.config.itc_smoothing_start_epoch else 0.0
 
     def register_zero3_external_parameters(self) -> None:
         import deepspeed
@@ -79,35 +110,27 @@ class PretrainingObjective(nn.Module):
         prepare_batch, and optionally precomputed concept targets concept_ids / concept_probs). Returns 'loss' (the
         weighted total), each term, metrics and the detached features for the GRIT bank. Without the MLM or FLM
         inputs they are drawn here, after copying input_ids to the host: the slow path (on CUDA the copy waits for
-        the device), for direct use. Each part runs in a profiler range (gritvlp.vision, .text, .itc, .itm, .mlm,
-        .flm, .distill), which scripts/bench_step.py reads for its breakdown."""
+        the device), for direct use. Each part runs in a profiler range (gritvlp.vision, .text, .itc (with .mining),
+        .itm, .mlm, .flm, .distill), which scripts/bench_step.py reads for its breakdown. With caption_id [B] in the
+        batch, identical captions are positives (objectives.caption_positives) and counted as false negatives."""
         cfg, model = self.config, self.model
         with record_function("gritvlp.vision"):
             image_embeds, image_feat = model.encode_image(batch["image"])
         with record_function("gritvlp.text"):
             text_hidden, text_feat = model.encode_text(batch["input_ids"], batch["attention_mask"])
         with record_function("gritvlp.itc"):
-            temp = model.temperature()
-            terms = contrastive_terms(image_feat, text_feat, temp, _group_ids(batch), cfg)
-            out = {
-                "itc": (terms.loss_i2t + terms.loss_t2i) / 2,
-                "consistency": consistency(terms).detach(),
-                "temp": temp.detach(),
-                "image_feat": image_feat.detach(),
-                "text_feat": text_feat.detach(),
-                **similarity_stats(image_feat.detach(), text_feat.detach(), terms.neg_text_for_image),
-            }
-            total = cfg.itc_weight * ita(terms, cfg.consistency_weight)
+            terms, mined, negatives, out = self._contrastive(batch, image_feat, text_feat)
+            total = cfg.itc_weight * ita(terms, cfg.consistency_weight, self.smoothing)
         if cfg.itm_weight > 0:
             with record_function("gritvlp.itm"):
-                pairs = itm_pairs(image_embeds, text_hidden, batch["attention_mask"], terms.neg_text_for_image,
-                                  terms.neg_image_for_text)  # fmt: skip
+                pairs = itm_pairs(image_embeds, text_hidden, batch["attention_mask"], negatives[0], negatives[1],
+                                  None if mined is None else mined.converted)  # fmt: skip
                 logits = model.itm_logits(pairs.images, pairs.texts, pairs.attention_mask)
                 out["itm"], out["itm_acc"] = itm_loss(logits, pairs.labels, pairs.weights)
                 total = total + cfg.itm_weight * out["itm"]
         if self.runs_mlm:
             with record_function("gritvlp.mlm"):
-                out["mlm"] = self._mlm(batch, image_embeds)
+                out["mlm"] = self._mlm(batch, image_embeds, mined)
                 total = total + self.text_scale * cfg.mlm_weight * out["mlm"]
         if self.runs_flm:
             with record_function("gritvlp.flm"):
@@ -144,11 +167,78 @@ class PretrainingObjective(nn.Module):
             raise ValueError("distillation without teacher weights needs precomputed concept targets in every batch")
         return distill_loss(model.concept_logits(image_embeds), targets, weights, temperature)
 
-    def _mlm(self, batch: dict, image_embeds: torch.Tensor) -> torch.Tensor:
+    def _contrastive(self, batch: dict, image_feat: torch.Tensor, text_feat: torch.Tensor):
+        """The ITC terms, mining's verdicts (None when off), the ITM negatives [2, B] (the kernel's, or mining's)
+        and the logged values of the contrastive part."""
+        cfg = self.config
+        group_ids, caption_ids = _group_ids(batch), batch.get("caption_id")
+        positive_captions = caption_ids if cfg.caption_positives else None
+        temp = self.model.temperature()
+        mined = self._mine(batch, image_feat, text_feat, temp, group_ids, positive_captions)
+        terms = contrastive_terms(
+            image_feat, text_feat, temp, group_ids, cfg, caption_ids=positive_captions,
+            extra_positives=None if mined is None else mined.extra_positives, pick_negatives=mined is None,
+        )  # fmt: skip
+        if mined is None:
+            negatives, converted = torch.stack([terms.neg_text_for_image, terms.neg_image_for_text]), None
+        else:
+            negatives, converted = mined.negatives, mined.converted
+        out = {
+            "itc": (terms.loss_i2t + terms.loss_t2i) / 2,
+            "consistency": consistency(terms).detach(),
+            "temp": temp.detach(),
+            "image_feat": image_feat.detach(),
+            "text_feat": text_feat.detach(),
+            **similarity_stats(image_feat.detach(), text_feat.detach(), negatives[0]),
+            **false_negative_stats(duplicate_pairs(group_ids, caption_ids), *negatives, converted),
+        }
+        if mined is not None:
+            out["converted_negatives"] = mined.converted.sum().float()
+            out["replaced_negatives"] = mined.replaced.sum().float()
+        return terms, mined, negatives, out
+
+    @torch.no_grad()
+    def converted_pairs(self, batch: dict) -> list[tuple[int, int]]:
+        """The (image row, text row) pairs of a batch that connection mining turns into positives, with the model
+        as it is now, in eval mode (for the grouping picture); [] when mining is off."""
+        if self.miner is None:
+            return []
+        model, was_training = self.model, self.model.training
+        model.eval()
+        try:
+            _, image_feat = model.encode_image(batch["image"])
+            _, text_feat = model.encode_text(batch["input_ids"], batch["attention_mask"])
+            caption_ids = batch.get("caption_id") if self.config.caption_positives else None
+            mined = self._mine(batch, image_feat, text_feat, model.temperature(), _group_ids(batch), caption_ids)
+        finally:
+            model.train(was_training)
+        image_rows, text_rows = mined.converted_pairs()
+        return list(zip(image_rows.tolist(), text_rows.tolist()))
+
+    def _mine(self, batch, image_feat, text_feat, temp, group_ids, caption_ids) -> MinedNegatives | None:
+        """Connection mining of this batch's ITM negatives (None when off). The local positives (same image, and
+        same caption when those are positives) are never candidates."""
+        if self.miner is None:
+            return None
+        with record_function("gritvlp.mining"):
+            positives = duplicate_pairs(group_ids, caption_ids).fill_diagonal_(True)
+            return self.miner(batch, image_feat.detach(), text_feat.detach(), temp.detach(), positives,
+                              self.config.itm_negatives)  # fmt: skip
+
+    def _mlm(self, batch: dict, image_embeds: torch.Tensor, mined: MinedNegatives | None = None) -> torch.Tensor:
+        """MLM of the batch's pairs, and of the pairs mining turned into positives (MAFA: each such text, with its
+        own masking, fused with its new image), in one mean over the masked tokens."""
         batch = self._with_inputs(batch, MLM_KEYS)
-        masked = self.model.text.encode_text(batch["mlm_input_ids"], batch["attention_mask"])
-        fused = self.model.fuse(masked, batch["attention_mask"], image_embeds)
-        return masked_lm_loss(self.model.mlm_head, fused, batch["mlm_positions"], batch["mlm_targets"])
+        mask = batch["attention_mask"]
+        masked = self.model.text.encode_text(batch["mlm_input_ids"], mask)
+        fused = self.model.fuse(masked, mask, image_embeds)
+        extra = None
+        if mined is not None:
+            image_rows, text_rows = mined.converted_pairs()
+            if text_rows.numel():
+                pair_fused = self.model.fuse(masked[text_rows], mask[text_rows], image_embeds[image_rows])
+                extra = pair_tokens(pair_fused, text_rows, batch["mlm_positions"], batch["mlm_targets"], len(masked))
+        return masked_lm_loss(self.model.mlm_head, fused, batch["mlm_positions"], batch["mlm_targets"], extra)
 
 
 def _group_ids(batch: dict) -> torch.Tensor:

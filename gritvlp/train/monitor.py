@@ -14,6 +14,9 @@ from tqdm import tqdm
 LOSS_TERMS = ("itc", "consistency", "itm", "mlm", "flm", "flm_reconstruction", "flm_next", "flm_previous", "distill")
 TRAIN_METRICS = ("itm_acc", "temp")
 SIMILARITIES = ("sim_pos", "sim_neg", "sim_itm_neg")
+# False negatives in the batch (share of in-batch pairs sharing an image or a caption; of chosen ITM negatives that
+# do) and, with connection mining, the chosen negatives per step it turned into positives or replaced.
+FALSE_NEGATIVES = ("false_negative_share", "itm_false_negative_share", "converted_negatives", "replaced_negatives")
 
 
 class Monitor:
@@ -52,6 +55,7 @@ class Monitor:
         scalars["loss/total"] = terms["loss"]
         scalars.update({f"train/{k}": terms[k] for k in TRAIN_METRICS if k in terms})
         scalars.update({f"similarity/{k[4:]}": terms[k] for k in SIMILARITIES if k in terms})
+        scalars.update({f"grit/{k}": terms[k] for k in FALSE_NEGATIVES if k in terms})
         for name in ("lr", "grad_norm"):
             if extra.get(name) is not None:
                 scalars[f"train/{name}"] = extra[name]

@@ -120,9 +120,11 @@ class Trainer:
 
     def _grit_schedule(self) -> GritSchedule:
         sampling = self.cfg.sampling
+        caption_ids = self.dataset.caption_ids if self.cfg.objectives.caption_positives else None
         return GritSchedule(
             len(self.dataset), self.micro_batch, self.world, sampling.bank_size, sampling.search_space,
             sampling.shuffle_batches, group_ids=self.dataset.group_ids, seed=self.cfg.train.seed, rank=self.rank,
+            caption_ids=caption_ids,
         )  # fmt: skip
 
     def _total_steps(self) -> int:
@@ -171,7 +173,7 @@ class Trainer:
         with record_function("gritvlp.data"):
             batch, usable = self._device_batch(host_batch)
         torch.manual_seed(step_seed(self.cfg.train.seed, self.state.micro_step, self.rank))
-        self.objective.set_step(self.state.global_step)
+        self.objective.set_step(self.state.global_step, self.state.epoch)
         out, finite = forward_backward(self.engine, batch, usable, self.guard)
         if self.schedule is not None:
             if usable:
@@ -243,14 +245,28 @@ class Trainer:
             )  # fmt: skip
 
     def log_grouping_picture(self, grouped: torch.Tensor) -> None:
-        """A grouped mini-batch of the next epoch beside a random one, in TensorBoard (rank 0)."""
-        if not is_main():
-            return
+        """A grouped mini-batch of the next epoch beside a random one, with their false negatives marked, in
+        TensorBoard (rank 0; every rank runs the mining of its own batch, as ZeRO-3's gathers need)."""
         from gritvlp.train.pictures import grouped_vs_random
 
+        converted = self._converted_positions(grouped.tolist())
+        if not is_main():
+            return
         random = random_order_sample(len(self.dataset), self.micro_batch, self.cfg.train.seed, self.state.epoch)
-        picture = grouped_vs_random(self.dataset, grouped.tolist(), random)
+        picture = grouped_vs_random(self.dataset, grouped.tolist(), random, converted=converted)
         self.monitor.log_images(self.state.global_step, "grit/grouped_vs_random_batch", picture)
+
+    def _converted_positions(self, indices: list[int]) -> list[tuple[int, int]]:
+        """The pairs (positions in `indices`) that connection mining would turn into positives now; [] when off."""
+        if self.objective.miner is None:
+            return []
+        host = self.collator([self.dataset[i] for i in indices])
+        if host["input_ids"].shape[0] < 2:
+            return []
+        position = {index: p for p, index in enumerate(indices)}
+        rows = [position[i] for i in host["index"].tolist()]
+        pairs = self.objective.converted_pairs(to_device(host, self.device, self.dtype))
+        return [(rows[a], rows[b]) for a, b in pairs]
 
     # -- logging --------------------------------------------------------------------------------------------------
     def log_step(self, out: dict, lr: float) -> None:
