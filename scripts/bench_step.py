@@ -12,7 +12,11 @@ made on the device; captions are random token ids of random lengths up to data.m
 Variants, on the same model:
   plain                    ITC without consistency, ITM negatives sampled, 15% MLM, no feature bank (ALBEF);
   grit                     consistency 0.2, hardest negatives, 50% MLM, the bank add each step (GRIT-VLP);
-  grit_reference_kernels   grit with GRITVLP_KERNELS=reference: the plain PyTorch loss kernels.
+  grit_reference_kernels   grit with GRITVLP_KERNELS=reference: the plain PyTorch loss kernels;
+  grit_smoothed            grit with MAFA's smoothed ITC (0.5 uniform target): the kernel's uniform terms;
+  grit_mafa                grit_smoothed + connection mining, a filter model of the same size (random weights,
+                           thresholds 0.5 / 0.8) scoring the 2B chosen negatives, and the MLM of mined pairs.
+Every batch carries caption ids with pairs of identical captions (positives of each other, as in web data).
 Grouping (gritvlp.sampling.schedule.GritSchedule building the next order from a full bank) runs once per L = sampling.bank_size samples; it is timed once on
 L random features in search spaces of M = sampling.search_space and charged to each step as t * B / L.
 
@@ -48,6 +52,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from gritvlp.config import load_config
 from gritvlp.model.gritvlp import GritVLP
+from gritvlp.objectives.mining import ConnectionMiner
 from gritvlp.objectives.pretraining import PretrainingObjective
 from gritvlp.sampling.bank import FeatureBank
 from gritvlp.sampling.schedule import GritSchedule
@@ -57,12 +62,15 @@ from gritvlp.train.step import NonFiniteGuard, bank_features, forward_backward, 
 ROOT = Path(__file__).resolve().parents[1]
 
 GRIT_OBJECTIVES = dict(consistency_weight=0.2, itm_negatives="hardest", mask_prob=0.5)
+SMOOTHED = dict(GRIT_OBJECTIVES, itc_smoothing=0.5, itc_smoothing_start_epoch=0)
 VARIANTS = {
     "plain": dict(
         objectives=dict(consistency_weight=0.0, itm_negatives="sample", mask_prob=0.15), bank=False, kernels="auto"
     ),
     "grit": dict(objectives=GRIT_OBJECTIVES, bank=True, kernels="auto"),
     "grit_reference_kernels": dict(objectives=GRIT_OBJECTIVES, bank=True, kernels="reference"),
+    "grit_smoothed": dict(objectives=SMOOTHED, bank=True, kernels="auto"),
+    "grit_mafa": dict(objectives=SMOOTHED, bank=True, kernels="auto", mining=True),
 }
 # Dense bf16 tensor-core peak (TFLOP/s) by a substring of torch.cuda.get_device_name(), first match wins.
 PEAK_BF16_TFLOPS = (("H200", 989.4), ("H100 SXM", 989.4), ("H100 80GB HBM3", 989.4), ("A100", 312.0))
@@ -163,7 +171,7 @@ class SyntheticBatches:
         vocab = model.text.config.vocab_size
         self.captions = [host_captions(batch, max_tokens, vocab, model.special_tokens, g) for _ in range(HOST_BATCHES)]
         ids = torch.arange(batch)
-        self.host_extra = {"index": ids, "group_id": ids}
+        self.host_extra = {"index": ids, "group_id": ids, "caption_id": ids // 2}
         if device.type == "cuda":  # the loader pins what it returns
             self.captions = [{k: v.pin_memory() for k, v in c.items()} for c in self.captions]
             self.host_extra = {k: v.pin_memory() for k, v in self.host_extra.items()}
@@ -222,7 +230,8 @@ class StepRunner:
 def build_runner(cfg, variant: dict, args, device, dtype, settings) -> StepRunner:
     torch.manual_seed(0)
     objectives = dataclasses.replace(cfg.objectives, **variant["objectives"])
-    objective = PretrainingObjective(GritVLP(cfg.model), objectives).to(device).train()
+    miner = ConnectionMiner(GritVLP(cfg.model).to(device), low=0.5, high=0.8) if variant.get("mining") else None
+    objective = PretrainingObjective(GritVLP(cfg.model), objectives, miner=miner).to(device).train()
     optimizer = torch.optim.AdamW(
         parameter_groups(objective, settings["weight_decay"]), lr=settings["lr"], betas=settings["betas"],
         eps=settings["eps"], fused=True,
@@ -292,7 +301,7 @@ def sync_check(run: StepRunner, first_step: int, steps: int, device: torch.devic
 
 # The profiler ranges of a step: bench_step's own (data, forward, backward, optimizer, bank) and the objective's
 # parts inside forward (gritvlp.objectives.pretraining); their backward kernels count under gritvlp.backward.
-PHASES = ("data", "forward", "vision", "text", "itc", "itm", "mlm", "backward", "optimizer", "bank")
+PHASES = ("data", "forward", "vision", "text", "itc", "mining", "itm", "mlm", "backward", "optimizer", "bank")
 
 
 def breakdown(run: StepRunner, first_step: int, steps: int, device: torch.device, table: Path | None) -> dict:
@@ -336,7 +345,8 @@ def run_variant(name: str, cfg, args, device, dtype, settings, peak, flops_by_ob
     variant = VARIANTS[name]
     with kernels_backend(variant["kernels"]):
         run = build_runner(cfg, variant, args, device, dtype, settings)
-        key = json.dumps(variant["objectives"], sort_keys=True)  # the same objectives are the same work
+        # the same objectives are the same work (the filter model's forward counts as work)
+        key = json.dumps({**variant["objectives"], "mining": variant.get("mining", False)}, sort_keys=True)
         if key not in flops_by_objectives:
             flops_by_objectives[key] = count_flops(run, step=0)
         flops = flops_by_objectives[key]
@@ -404,6 +414,7 @@ def ratios(variants: dict, grouping: dict) -> dict:
         return result.get("step_s_median")
 
     plain, grit, reference = median("plain"), median("grit"), median("grit_reference_kernels")
+    smoothed, mafa = median("grit_smoothed"), median("grit_mafa")
     per_step = grouping.get("per_step_s")
     out = {}
     if plain and grit:
@@ -412,6 +423,10 @@ def ratios(variants: dict, grouping: dict) -> dict:
             out["grit_with_grouping_vs_plain_step_time"] = (grit + per_step) / plain
     if grit and reference:
         out["grit_reference_kernels_vs_grit_step_time"] = reference / grit
+    if grit and smoothed:
+        out["grit_smoothed_vs_grit_step_time"] = smoothed / grit
+    if grit and mafa:
+        out["grit_mafa_vs_grit_step_time"] = mafa / grit
     return out
 
 
@@ -463,7 +478,7 @@ def print_breakdown(variants: dict) -> None:
     clock = next(iter(profiled.values()))["clock"]
     print(f"\nper-step breakdown, ms of {clock} time ({', '.join(profiled)}):")
     for phase in PHASES:
-        indent = "  " if phase in ("vision", "text", "itc", "itm", "mlm") else ""
+        indent = {"vision": 2, "text": 2, "itc": 2, "mining": 4, "itm": 2, "mlm": 2}.get(phase, 0) * " "
         cells = " ".join(f"{b['ms_per_step'][phase]:10.2f}" for b in profiled.values())
         print(f"  {indent + phase:12s} {cells}")
 

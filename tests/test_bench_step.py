@@ -22,7 +22,7 @@ def test_bench_step_on_cpu_writes_every_variant(tmp_path):
     bench.main(["--config", "demo", "--batch", "8", "--steps", "1", "--warmup", "0", "--device", "cpu",
                 "--breakdown-steps", "1", "--out", str(out)])  # fmt: skip
     report = json.loads(out.read_text())
-    assert set(report["variants"]) == {"plain", "grit", "grit_reference_kernels"}
+    assert set(report["variants"]) == {"plain", "grit", "grit_reference_kernels", "grit_smoothed", "grit_mafa"}
     for name, result in report["variants"].items():
         assert "error" not in result, (name, result)
         assert result["step_s_median"] > 0 and result["samples_per_s"] > 0 and result["flops_per_step"] > 0
@@ -33,6 +33,9 @@ def test_bench_step_on_cpu_writes_every_variant(tmp_path):
         assert (phases["bank"] > 0) == (name != "plain")  # only GRIT fills a feature bank
     # 50% MLM costs more vocabulary projections than 15%: the FLOP count sees the objectives
     assert report["variants"]["grit"]["flops_per_step"] > report["variants"]["plain"]["flops_per_step"]
+    # the filter model's forward is work too
+    assert report["variants"]["grit_mafa"]["flops_per_step"] > report["variants"]["grit_smoothed"]["flops_per_step"]
+    assert report["ratios"]["grit_mafa_vs_grit_step_time"] > 0 and report["ratios"]["grit_smoothed_vs_grit_step_time"] > 0
     assert report["grouping"]["per_step_s"] > 0
     assert report["ratios"]["grit_vs_plain_step_time"] > 0
     assert "grit_with_grouping_vs_plain_step_time" in report["ratios"]
