@@ -218,6 +218,19 @@ def test_filter_model_scores_pairs_with_its_itm_head_at_its_own_size(tmp_path):
     torch.testing.assert_close(p, logits.softmax(-1)[:, 1])
 
 
+def test_filter_from_an_albef_checkpoint_scores_as_the_original(tmp_path):
+    from gritvlp.albef import save_albef_checkpoint
+
+    torch.manual_seed(4)
+    original = GritVLP(load_config("demo").model).eval()
+    path = save_albef_checkpoint(original, tmp_path / "albef.pth", queue_size=8)
+    miners = [ConnectionMiner(original), ConnectionMiner(load_filter_model(path, 64, albef_preset="demo"))]
+    batch = fixed_batch()
+    rows, texts = torch.tensor([0, 4, 5]), torch.tensor([2, 4, 1])
+    p = [m.match_probability(batch["image"], batch["input_ids"], batch["attention_mask"], rows, texts) for m in miners]
+    torch.testing.assert_close(p[0], p[1])
+
+
 def test_filter_with_another_vocabulary_is_refused():
     cfg = load_config("demo").model
     other = GritVLP(dataclasses.replace(cfg, text_config={**cfg.text_config, "vocab_size": 1000}))

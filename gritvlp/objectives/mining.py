@@ -113,9 +113,10 @@ class ConnectionMiner:
         )
 
 
-def load_filter_model(path: str | Path, image_size: int):
+def load_filter_model(path: str | Path, image_size: int, albef_preset: str = "vitb16_bert"):
     """The filter model: a gritvlp export folder or training checkpoint, or an ALBEF / GRIT-VLP .pth (read into the
-    paper-size model, vitb16_bert, at `image_size`, as scripts/convert_albef.py does). Frozen, in eval mode."""
+    model of `albef_preset`, by default the paper-size one, at `image_size`, as scripts/convert_albef.py does; its
+    MLM head may be missing, as in ALBEF's fine-tuned checkpoints). Frozen, in eval mode."""
     from gritvlp.model.gritvlp import GritVLP
 
     path = Path(path)
@@ -123,7 +124,7 @@ def load_filter_model(path: str | Path, image_size: int):
         from gritvlp import albef
         from gritvlp.config import load_config
 
-        model_cfg = dataclasses.replace(load_config("vitb16_bert").model, image_size=image_size, vision_weights=None,
+        model_cfg = dataclasses.replace(load_config(albef_preset).model, image_size=image_size, vision_weights=None,
                                         text_weights=None)  # fmt: skip
         model = GritVLP(model_cfg)
         albef.load_albef_weights(model, path, allow_missing=("mlm_head.",))
