@@ -43,20 +43,25 @@ def test_rows_spread_reach_and_tables(tmp_path):
     assert summary_a["r1_mean"][1] == pytest.approx([5.5, 0.5])  # final mean R@1 of seeds: 5.0, 5.5, 6.0
     assert summary_a["minutes"] == pytest.approx([2.0, 0.0])
     target = summary_a["r1_mean"][-1][0]
-    assert ablate.reach(summary_a, base, target) == {"mean_curve": 256, "per_seed": [None, 256, 256]}
-    # seed means of (b): 6.5 at step 128 already >= 5.5
-    assert ablate.reach(summary_b, grit, target) == {"mean_curve": 128, "per_seed": [128, 128, 128]}
+    assert ablate.reach(summary_a, base, target) == {"mean_curve": 256, "interpolated": 256, "per_seed": [None, 256, 256]}
+    # seed means of (b): 6.5 at step 128 already >= 5.5, nothing evaluated before it to interpolate from
+    assert ablate.reach(summary_b, grit, target) == {"mean_curve": 128, "interpolated": 128, "per_seed": [128, 128, 128]}
+    # (a)'s curve (3.5 at 128, 5.5 at 256) crosses 4.5 half-way: 192
+    assert ablate.reach(summary_a, base, 4.5)["interpolated"] == 192
+    paired = {"a": ablate.paired_differences(base, base), "b": ablate.paired_differences(grit, base)}
+    assert paired["b"]["r1_mean"] == pytest.approx([3.0, 0.5])  # 8.5 - 5.0, 8.5 - 5.5, 8.5 - 6.0
+    assert paired["a"]["r1_mean"] == [0.0, 0.0]
     summaries = {"a": summary_a, "b": summary_b}
     text = ablate.tables(summaries, {n: ablate.reach(summaries[n], r, target) for n, r in (("a", base), ("b", grit))},
-                         target, 512)  # fmt: skip
+                         target, 512, paired)  # fmt: skip
     lines = text.splitlines()
     assert "Target: (a)'s final mean R@1, 5.5 (2/3 of the 512 steps is 341)" in lines[0]
-    assert lines[4] == "| (a) random batches | 3.5 ± 0.5 / 5.5 ± 0.5 | 6.5 ± 0.5 | 256 (never, 256, 256) |"
-    assert lines[5] == "| (b) GRIT grouping | 6.5 ± 0.5 / 8.5 ± 0.0 | 9.5 ± 0.0 | 128 (128, 128, 128) |"
+    assert lines[4] == "| (a) random batches | 3.5 ± 0.5 / 5.5 ± 0.5 | +0.0 ± 0.0 | 6.5 ± 0.5 | 256, 256 (never, 256, 256) |"
+    assert lines[5] == "| (b) GRIT grouping | 6.5 ± 0.5 / 8.5 ± 0.0 | +3.0 ± 0.5 | 9.5 ± 0.0 | 128, 128 (128, 128, 128) |"
     # hard negatives and false negatives after the first epoch (which trains on random batches everywhere): the
     # shares logged at steps 192 and 256 of (b) are 0.225 and 0.3
-    assert lines[-1] == ("| (b) GRIT grouping | 55.0 ± 0.0 / 55.0 ± 0.0 | 60.0 ± 0.0 | - | - | - | 26.2% | - | - / - "
-                         "| 0.500 ± 0.000 |")  # fmt: skip
+    assert lines[-1] == ("| (b) GRIT grouping | 55.0 ± 0.0 / 55.0 ± 0.0 | +0.0 ± 0.0 | 60.0 ± 0.0 | - | - | - | 26.2% | "
+                         "- | - / - | 0.500 ± 0.000 |")  # fmt: skip
 
 
 def test_e_mines_with_the_same_seeds_export_of_a(tmp_path):
