@@ -1,6 +1,7 @@
 """The GRIT schedule over an epoch: each rank groups its own bank, batches are dealt out again, resume."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -53,6 +54,27 @@ def test_next_epoch_is_every_sample_once_in_grouped_batches():
     assert sorted(torch.cat(batches).tolist()) == list(range(N))
     random_batches = list(torch.randperm(N, generator=torch.Generator().manual_seed(1)).view(-1, B))
     assert purity(batches, cluster) > purity(random_batches, cluster) + 0.3
+
+
+def test_epoch_similarity_measures_the_grouped_batches_against_random_ones():
+    image, text, cluster = clustered_features()
+    schedule, sampler = make()
+    assert all(v != v for v in schedule.last_similarity.values())  # nan before any epoch
+    sampler.set_epoch(0)
+    run_epoch(schedule, sampler, image, text)
+    batches = schedule.next_epoch_batches(1, sampler.own_samples())
+    similarity = schedule.last_similarity
+
+    def negative_cosine(bs):
+        values = [((image[b] @ text[b].T).sum() - (image[b] * text[b]).sum()) / (B * (B - 1)) for b in bs]
+        return torch.stack(values).mean().item()
+
+    # every flush holds 20 samples = 5 whole batches, so the measured batches are exactly the next epoch's
+    assert similarity["grouped"] == pytest.approx(negative_cosine(batches), abs=1e-3)  # the bank stores fp16
+    assert similarity["grouped"] > similarity["random"] + 0.3
+    # random batches of 5 equal clusters: a pair shares its cluster (cosine ~1) about a fifth of the time
+    assert 0.05 < similarity["random"] < 0.45
+    assert all(math.isnan(v) for v in schedule.epoch_similarity().values())  # the next epoch has not flushed yet
 
 
 def test_samples_never_banked_fill_random_batches():

@@ -74,6 +74,20 @@ def group_search_spaces(
     return order
 
 
+@torch.no_grad()
+def negative_similarity(image_feat: torch.Tensor, text_feat: torch.Tensor, rows: torch.Tensor, batch_size: int):
+    """(sum, count) over the full batches of `rows` (bank rows in order, cut into batches of batch_size; the rest is
+    left out) of each batch's mean image-text cosine over its in-batch negative pairs: how hard the negatives of
+    these batches are, in the features they were grouped by."""
+    k = rows.numel() // batch_size if batch_size > 1 else 0
+    if k == 0:
+        return 0.0, 0
+    r = rows[: k * batch_size].to(image_feat.device).view(k, batch_size)
+    sim = torch.bmm(F.normalize(image_feat[r].float(), dim=-1), F.normalize(text_feat[r].float(), dim=-1).transpose(1, 2))
+    negatives = sim.sum((1, 2)) - sim.diagonal(dim1=1, dim2=2).sum(1)
+    return float((negatives / (batch_size * (batch_size - 1))).sum()), k
+
+
 def check_grit_sizes(bank_size: int, search_space: int, batch_size: int, world_size: int = 1) -> None:
     """Validates the GRIT sizes of a configuration; raises ValueError naming the size that breaks the rule.
 

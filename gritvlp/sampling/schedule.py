@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from gritvlp.sampling.bank import FeatureBank
-from gritvlp.sampling.grouping import check_grit_sizes, group_bank
+from gritvlp.sampling.grouping import check_grit_sizes, group_bank, negative_similarity
 from gritvlp.sampling.order import epoch_generator, split_evenly, steps_per_epoch
 
 
@@ -50,11 +50,14 @@ class GritSchedule:
         self.flush_every = bank_size // batch_size  # micro-steps
         self.bank = FeatureBank(bank_size)
         self.grouping_seconds = self.last_seconds = 0.0
+        self.last_similarity = {"grouped": float("nan"), "random": float("nan")}
         self._reset_epoch()
 
     def _reset_epoch(self) -> None:
         self.grouped: list[torch.Tensor] = []  # this rank's grouped samples, flush by flush, in visiting order
         self.micro_steps = 0
+        # (sum, count) of in-batch negative cosines of the grouped batches and of random batches of the same samples
+        self.similarity = {"grouped": [0.0, 0], "random": [0.0, 0]}
 
     def add(self, image_feat: torch.Tensor, text_feat: torch.Tensor, index: torch.Tensor) -> None:
         """Stores one batch's detached normalised features (no extra forward pass)."""
@@ -73,6 +76,7 @@ class GritSchedule:
             gen = epoch_generator(self.seed, (epoch * 1_000_003 + len(self.grouped)) * 4099 + self.rank)
             order = group_bank(image, text, index, self.search_space, self.group_ids, gen, caption_ids=self.caption_ids)
             self.grouped.append(order)
+            self._measure(image, text, index, order, epoch)
             if image.is_cuda:
                 torch.cuda.synchronize()
         self.bank.reset()
@@ -80,10 +84,27 @@ class GritSchedule:
         self.grouping_seconds += self.last_seconds
         return self.last_seconds
 
+    def _measure(self, image, text, index, order, epoch: int) -> None:
+        """Adds the flush's batches to the epoch's similarity: the grouped ones (the visiting order cut into batches,
+        as the next epoch gets them) and random batches of the same samples, from its own generator."""
+        sorted_index, rows_by_index = index.cpu().sort()
+        rows = rows_by_index[torch.searchsorted(sorted_index, order)]
+        gen = epoch_generator(self.seed, (epoch * 1_000_003 + len(self.grouped)) * 4099 + self.rank + 7919)
+        for name, batch_rows in (("grouped", rows), ("random", rows[torch.randperm(rows.numel(), generator=gen)])):
+            total, count = negative_similarity(image, text, batch_rows, self.batch_size)
+            self.similarity[name][0] += total
+            self.similarity[name][1] += count
+
+    def epoch_similarity(self) -> dict[str, float]:
+        """This rank's mean in-batch negative cosine of the epoch's grouped batches and of random ones (nan before
+        any flush). Read it before next_epoch_batches, which starts the next epoch's count."""
+        return {name: total / count if count else float("nan") for name, (total, count) in self.similarity.items()}
+
     def next_epoch_batches(self, epoch: int, own_samples: torch.Tensor) -> list[torch.Tensor]:
         """Groups what is left in the bank and returns this rank's batches of `epoch` (the next one). A collective:
         every rank calls it at the end of the epoch. `own_samples`: every sample this rank was given this epoch."""
         self._flush(epoch - 1)
+        self.last_similarity = self.epoch_similarity()
         local_gen = epoch_generator(self.seed, epoch * 4099 + 4098 - self.rank)  # this rank's own draws
         full, rest = self._local_batches(own_samples, local_gen)
         batches, tail = self._exchange(full, rest, epoch_generator(self.seed, epoch))  # the same on every rank
@@ -130,6 +151,7 @@ class GritSchedule:
             "grouped": self.grouped,
             "micro_steps": self.micro_steps,
             "grouping_seconds": self.grouping_seconds,
+            "similarity": self.similarity,
             "bank": self.bank.state_dict(),
         }
 
@@ -137,6 +159,8 @@ class GritSchedule:
         self._reset_epoch()
         self.grouped = list(state["grouped"])
         self.micro_steps, self.grouping_seconds = state["micro_steps"], state["grouping_seconds"]
+        if "similarity" in state:  # absent from checkpoints of earlier releases
+            self.similarity = {name: list(value) for name, value in state["similarity"].items()}
         self.bank.load_state_dict(state["bank"])
 
 

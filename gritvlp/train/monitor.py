@@ -73,8 +73,13 @@ class Monitor:
         if self.enabled:
             self.writer.add_image(name, image, step, dataformats="HWC")
 
-    def log_grouping(self, step: int, seconds: float, epoch_seconds: float) -> None:
-        self.log(step, {"grit/grouping_time_s": seconds, "grit/grouping_share": seconds / max(epoch_seconds, 1e-9)})
+    def log_grouping(self, step: int, seconds: float, epoch_seconds: float, similarity: dict[str, float]) -> None:
+        """Grouping time and, for the batches of the next epoch, the mean image-text cosine of their in-batch
+        negatives beside that of random batches of the same samples (in the features they were grouped by): how
+        much harder grouping made the negatives."""
+        self.log(step, {"grit/grouping_time_s": seconds, "grit/grouping_share": seconds / max(epoch_seconds, 1e-9),
+                        "grit/negative_cosine_grouped": similarity["grouped"],
+                        "grit/negative_cosine_random": similarity["random"]})  # fmt: skip
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:

@@ -211,7 +211,9 @@ class Trainer:
             batches = self.schedule.next_epoch_batches(self.state.epoch + 1, self.sampler.own_samples())
             self.grouping_seconds += self.schedule.last_seconds
             epoch_seconds = self.monitor.clock() - self.epoch_start
-            self.monitor.log_grouping(self.state.global_step, self.grouping_seconds, epoch_seconds)
+            similarity = {k: torch.tensor(v) for k, v in self.schedule.last_similarity.items()}
+            similarity = reduce_mean(similarity, self.device)  # a collective: every rank ends the epoch here
+            self.monitor.log_grouping(self.state.global_step, self.grouping_seconds, epoch_seconds, similarity)
             self.log_grouping_picture(batches[0])
         self.state.epoch += 1
         self.sampler.set_epoch(self.state.epoch, batches)
