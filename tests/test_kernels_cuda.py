@@ -96,6 +96,37 @@ def test_itc_compiled_matches_float64_reference(b, n, d, dtype, groups, temp, kw
         assert (s.max(1).values[has] - chosen[has]).max().item() < 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_itc_compiled_with_captions_extra_positives_and_smoothing(dtype):
+    """Caption positives, per-direction mined positives and the uniform-target terms of smoothed ITC."""
+    b, n = 300, 1200
+    feats, offset = itc_case(b, n, 256, dtype, groups=False, seed=11)
+    g = torch.Generator().manual_seed(12)
+    captions = torch.randint(0, n // 3, (n,), generator=g).cuda()
+    extra = torch.randint(-1, n, (2, b), generator=g).cuda()
+    kwargs = {"caption_ids": captions[offset : offset + b], "caption_ids_all": captions, "extra_positives": extra}
+
+    def run(upcast):
+        image_all, text_all, gid_all = feats
+        if upcast:
+            image_all, text_all = image_all.double(), text_all.double()
+        img = image_all[offset : offset + b].clone().requires_grad_()
+        txt = text_all[offset : offset + b].clone().requires_grad_()
+        t = torch.tensor(0.07, device="cuda", dtype=torch.float64 if upcast else torch.float32, requires_grad=True)
+        out = itc_terms(REFERENCE if upcast else FUSED)(
+            img, txt, t, group_ids=gid_all[offset : offset + b], group_ids_all=gid_all, image_all=image_all,
+            text_all=text_all, offset=offset, **kwargs,
+        )  # fmt: skip
+        (0.5 * ita(out) + 0.25 * (out.uniform_i2t + out.uniform_t2i)).backward()
+        return out, (img.grad, txt.grad, t.grad)
+
+    (out, grads), (ref, ref_grads) = run(False), run(True)
+    for name in (*TERMS, "uniform_i2t", "uniform_t2i"):
+        assert rel(getattr(out, name), getattr(ref, name)) < 1e-5, name
+    for got, want, name in zip(grads, ref_grads, ("image_feat", "text_feat", "temp")):
+        assert rel(got, want) < GRAD_TOL[dtype], name
+
+
 def test_itc_compiled_is_deterministic():
     """Two identical calls give bitwise identical losses and gradients (no atomics; fixed split order)."""
     feats, offset = itc_case(1000, 3000, 256, torch.bfloat16, True, seed=5)
