@@ -8,7 +8,10 @@ The losses are the objective's (gritvlp.objectives.pretraining), which the engin
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +26,10 @@ from gritvlp.sampling.order import EpochBatchSampler, epoch_key, random_rank_bat
 from gritvlp.sampling.schedule import GritSchedule
 from gritvlp.train import checkpoint
 from gritvlp.train.data import barrier, epoch_loader, is_main, tokenizer_and_special_tokens, training_dataset
-from gritvlp.train.distributed import init_distributed, reduce_mean
+from gritvlp.train.distributed import any_rank, init_distributed, reduce_mean
 from gritvlp.train.engine import build_engine, load_ds_config, precision_dtype, zero_stage
 from gritvlp.train.evaluation import EpochEvaluation
+from gritvlp.train.faults import kill_point
 from gritvlp.train.monitor import Monitor
 from gritvlp.train.step import NonFiniteGuard, bank_features, batch_or_fallback, forward_backward, step_seed, to_device
 
@@ -70,9 +74,6 @@ class Trainer:
         self.ds_config = load_ds_config(ds_config_path, self.use_cuda, lr=cfg.train.lr)
         self.device, self.rank, self.world = init_distributed(self.use_cuda)
         self.output_dir = Path(cfg.train.output_dir)
-        if is_main():
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.output_dir / "config.yaml")
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.dataset = training_dataset(cfg)
         self.tokenizer, special_tokens = tokenizer_and_special_tokens(cfg)
@@ -92,7 +93,7 @@ class Trainer:
         self.dtype = precision_dtype(self.ds_config)
         self.collator = Collator(self.tokenizer, cfg.data.max_tokens)
         self.evaluation = EpochEvaluation(cfg, self.tokenizer, self.device)
-        self.last_eval_step = -1
+        self.last_eval_step = self.last_saved_step = -1
         self.state = RunState()
         self.guard = NonFiniteGuard(self.device)
         self.window = Window()
@@ -145,13 +146,39 @@ class Trainer:
         return total
 
     # -- the loop -------------------------------------------------------------------------------------------------
-    def fit(self, resume: str | None = None) -> RunState:
+    def fit(self, resume: str | None = None, overwrite: bool = False) -> RunState:
+        self.prepare_output(resume, overwrite)
         self.resume(resume)
         self.monitor = Monitor(self.output_dir, self.total_steps, self.state.global_step, enabled=is_main())
         while not self.done() and self.state.epoch < self.cfg.train.epochs:
             self.run_epoch()
         self.finish()
         return self.state
+
+    def prepare_output(self, resume: str | None, overwrite: bool) -> None:
+        """A fresh run never writes over an earlier run's checkpoints by accident: it needs --resume or --overwrite
+        (which removes that run's checkpoints, metrics.jsonl and TensorBoard events first). Then writes config.yaml."""
+        if resume and overwrite:
+            raise ValueError("--resume and --overwrite exclude each other: continue the run, or start it again")
+        # decided together (before rank 0 removes anything), so every rank takes the same branch
+        if resume is None and any_rank(checkpoint.has_checkpoints(self.output_dir), self.device):
+            folder = checkpoint.checkpoint_dir(self.output_dir)
+            if not overwrite:
+                raise FileExistsError(
+                    f"{self.output_dir} holds checkpoints of an earlier run (latest: "
+                    f"{checkpoint.latest_tag(folder) or 'none complete'}): pass --resume latest to continue it, or "
+                    "--overwrite to start again and replace them"
+                )
+            if is_main():
+                log.warning("--overwrite: removing the earlier run's checkpoints, metrics.jsonl and TensorBoard events "
+                            "in %s", self.output_dir)  # fmt: skip
+                shutil.rmtree(folder)
+                shutil.rmtree(self.output_dir / "tensorboard", ignore_errors=True)
+                (self.output_dir / "metrics.jsonl").unlink(missing_ok=True)
+            barrier()
+        if is_main():
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.output_dir / "config.yaml")
 
     def done(self) -> bool:
         return self.state.global_step >= self.total_steps
@@ -223,10 +250,11 @@ class Trainer:
     def finish(self) -> None:
         if self.evaluation.enabled and self.last_eval_step != self.state.global_step:
             self.evaluate()  # the final model, when the run ended within an epoch
-        if self.state.global_step % self.cfg.train.save_every != 0:
-            self.save()  # checks the loss counters first
-        else:
-            self.check_finite()
+        if self.last_saved_step != self.state.global_step and self.save() is None:  # save() checks the losses first
+            self.monitor.close()
+            raise RuntimeError(f"the final checkpoint (step {self.state.global_step}) could not be written (see the "
+                               "error above); the last complete checkpoint is kept")  # fmt: skip
+        self.check_finite()
         self.monitor.close()
         if is_main():
             log.info("finished at step %d; checkpoints in %s", self.state.global_step, checkpoint.checkpoint_dir(self.output_dir))
@@ -236,6 +264,7 @@ class Trainer:
 
     def evaluate(self) -> None:
         """Zero-shot retrieval (and the demo's hard negatives) on every rank; rank 0 logs eval/*."""
+        kill_point("evaluation", self.state.global_step)
         metrics = self.evaluation(self.engine.module.model)
         self.last_eval_step = self.state.global_step
         self.monitor.log_eval(self.state.global_step, metrics)
@@ -320,12 +349,16 @@ class Trainer:
         elif is_main():
             log.warning("the checkpoint holds no GRIT state: this epoch's features start from empty banks")
 
-    def save(self) -> None:
+    def save(self) -> Path | None:
+        """The step's checkpoint; None when it could not be written (reported; the previous one is kept)."""
         self.check_finite()  # raises before weights of a diverged run can replace the last good checkpoint
-        checkpoint.save(
+        tag_dir = checkpoint.save(
             self.engine, self.output_dir, self.state.global_step, self.state_dict(), self.cfg.train.keep_checkpoints,
             self.rank_state_dict(),
         )  # fmt: skip
+        if tag_dir is not None:
+            self.last_saved_step = self.state.global_step
+        return tag_dir
 
     def resume(self, resume: str | None) -> None:
         target = checkpoint.resolve_resume(resume, self.output_dir)
@@ -334,6 +367,31 @@ class Trainer:
             return
         state, rank_state = checkpoint.load(self.engine, *target)
         self.load_state_dict(state, rank_state)
+        self.last_saved_step = self.state.global_step
+        if is_main() and target[0] == checkpoint.checkpoint_dir(self.output_dir):
+            trim_metrics(self.output_dir / "metrics.jsonl", self.state.global_step)
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drops the rows an interrupted run logged after the checkpoint it resumes from (they are logged again), and a
+    torn last line."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if (row_step := _row_step(line)) is not None and row_step <= step]
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+        log.info("metrics.jsonl: %d rows after step %d dropped (they are logged again)", len(lines) - len(kept), step)
+
+
+def _row_step(line: str) -> int | None:
+    """The row's step; None for a line that is no row (the torn last line of a killed run)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def random_order_sample(num_samples: int, batch_size: int, seed: int, epoch: int) -> list[int]:
@@ -351,6 +409,6 @@ def export_final(output_dir: Path) -> None:
         log.error("fp16 export failed (%s); the checkpoint is intact: export it with scripts/export_fp16.py", err)
 
 
-def train(cfg: Config, ds_config_path: str, resume: str | None = None) -> RunState:
+def train(cfg: Config, ds_config_path: str, resume: str | None = None, overwrite: bool = False) -> RunState:
     """Builds a Trainer and runs it to the end (scripts/pretrain.py's entry point)."""
-    return Trainer(cfg, ds_config_path).fit(resume)
+    return Trainer(cfg, ds_config_path).fit(resume, overwrite)
