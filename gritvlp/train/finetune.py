@@ -273,8 +273,8 @@ class FineTuner:
         if improved:
             self.state.best_r_mean, self.state.best_epoch = scalars["eval/r_mean"], self.state.epoch + 1
         self.state.epoch += 1
-        tag_dir = self.save()
-        if improved and is_main():
+        tag_dir = self.save()  # None when the save failed (reported; the previous checkpoint is kept)
+        if improved and is_main() and tag_dir is not None:
             export_checkpoint(tag_dir, self.output_dir / BEST_EXPORT, self.tokenizer)
             best = {"epoch": self.state.best_epoch, "global_step": self.state.global_step, **scalars}
             (self.output_dir / "best.json").write_text(json.dumps(best, indent=2) + "\n")
@@ -305,7 +305,7 @@ class FineTuner:
             "model_config": self.objective.model.config_dict(),  # what gritvlp.export reads
         }
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
         self.check_finite()  # raises before weights of a diverged run can replace the last good checkpoint
         return checkpoint.save(self.engine, self.output_dir, self.state.global_step, self.client_state(), self.cfg.keep_checkpoints)  # fmt: skip
 
