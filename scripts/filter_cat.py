@@ -1,17 +1,19 @@
 """Filter image-text shards with DiHT's CAT rules: Complexity, Action, Text spotting.
 
 python scripts/filter_cat.py IN_SHARDS... --out OUT_DIR [--spacy-model en_core_web_sm] [--min-complexity 2]
-                             [--max-text-overlap 0.5] [--workers N] [--no-progress]
+                             [--max-text-overlap 0.5] [--action-rule {verb,verb_or_aux}] [--workers N]
+                             [--no-progress]
 
 IN_SHARDS are local tars in img2dataset's layout (KEY.jpg, KEY.txt, KEY.json), given as paths, globs, brace patterns
 ({00000..00099}) or folders. A pair is kept when its caption's dependency tree is complex enough (some word has
-at least --min-complexity dependents), the caption has a subject attached to a verb (an action), and at most
---max-text-overlap of its words are read (by Tesseract OCR) in the image. See gritvlp/filtering/cat.py.
+at least --min-complexity dependents), the caption has a subject attached to a verb (an action: DiHT's rule,
+--action-rule verb; verb_or_aux also takes the subject of a copula or auxiliary, as in "the sky is blue"), and at
+most --max-text-overlap of its words are read (by Tesseract OCR) in the image. See gritvlp/filtering/cat.py.
 
 Writes OUT_DIR/<shard name> for every input shard (the kept samples, members and bytes unchanged),
 OUT_DIR/<shard name>.cat.json per finished shard, and OUT_DIR/cat_report.json: kept and dropped pairs per rule,
-per shard and in total, with the thresholds used. A killed run, started again with the same arguments,
-resumes at the next unfinished shard.
+per shard and in total, with the thresholds and action rule used. A killed run, started again with the same
+arguments, resumes at the next unfinished shard.
 
 Needs (pip install -e ".[filter]" installs the Python parts):
     python -m pip install spacy && python -m spacy download en_core_web_sm
@@ -25,7 +27,7 @@ import argparse
 import os
 import sys
 
-from gritvlp.filtering.cat import Thresholds
+from gritvlp.filtering.cat import ACTION_RULES, Thresholds
 from gritvlp.filtering.ocr import TesseractMissing, check_tesseract, tesseract_ocr
 from gritvlp.filtering.parse import SpacyModelMissing, load_spacy_parser
 from gritvlp.filtering.report import format_table
@@ -40,6 +42,12 @@ def parse_args(argv):
     parser.add_argument("--spacy-model", default="en_core_web_sm", help="installed spaCy pipeline with a parser")
     parser.add_argument("--min-complexity", type=int, default=defaults.min_complexity)
     parser.add_argument("--max-text-overlap", type=float, default=defaults.max_text_overlap)
+    parser.add_argument(
+        "--action-rule",
+        choices=ACTION_RULES,
+        default=defaults.action_rule,
+        help="verb: a subject on a verb, DiHT's rule (default); verb_or_aux: also on a copula or auxiliary",
+    )
     parser.add_argument("--workers", type=int, default=1, help="processes, one shard each at a time")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
@@ -70,7 +78,7 @@ def main(argv=None) -> int:
     from gritvlp.data.shards import expand_shards
 
     shards = expand_shards(args.shards)
-    thresholds = Thresholds(args.min_complexity, args.max_text_overlap)
+    thresholds = Thresholds(args.min_complexity, args.max_text_overlap, args.action_rule)
     job = FilterJob(args.out, parse, tesseract_ocr, thresholds, args.spacy_model)
     report = run_filter(shards, job, args.workers, progress=not args.no_progress)
     print(format_table(report))

@@ -32,11 +32,13 @@ class FilterJob:
     out_dir: str
     parse: Parser
     ocr: Ocr
-    thresholds: Thresholds
+    thresholds: Thresholds  # with the action rule
     parser_name: str  # recorded with the thresholds: a part made with other settings is redone
 
     @property
     def settings(self) -> dict:
+        # every field of Thresholds, action_rule included: a part written before a setting existed lacks it
+        # and is redone, since its rule may have differed
         return {**asdict(self.thresholds), "parser": self.parser_name}
 
 
