@@ -242,6 +242,8 @@ class EvalConfig:
     rerank_score: str = "itm"
     batch_size: int = 64
     hard_negatives: bool = True  # the demo's hard-negative accuracy (one attribute or the relation changed)
+    # The demo's zero-shot classification of single-object test images by shape, colour and size (eval/zs_*).
+    zero_shot: bool = True
 
     def __post_init__(self) -> None:
         _positive("eval", self, "k_test", "batch_size")

@@ -14,7 +14,6 @@ deepspeed each rank re-ranks a share of the queries; rank 0 prints and writes th
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -54,20 +53,6 @@ def parse_args(argv=None):
     return args
 
 
-def setup_distributed(device_arg: str | None):
-    """Joins the process group when launched by torchrun / deepspeed; returns this rank's device."""
-    import torch
-    import torch.distributed as dist
-
-    local_gpu = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    if device_arg in (None, "cuda"):
-        device_arg = local_gpu if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_arg)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -75,7 +60,7 @@ def main(argv=None) -> dict:
     import torch.distributed as dist
 
     from gritvlp.eval import data as eval_data
-    from gritvlp.eval.loading import load_model, load_model_tokenizer
+    from gritvlp.eval.loading import load_model, load_model_tokenizer, setup_distributed
     from gritvlp.eval.retrieval import evaluate_retrieval
 
     device = setup_distributed(args.device)

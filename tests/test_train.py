@@ -99,6 +99,8 @@ def test_two_process_zero2_run_logs_every_term(zero2_run):
     for m in evaluated.values():
         assert 0 <= m["eval/txt_r1"] <= m["eval/txt_r5"] <= m["eval/txt_r10"] <= 100
         assert m["eval/best_r_mean"] >= m["eval/r_mean"] and "eval/hard_itm_colour" in m
+        for attribute in ("shape", "colour", "size"):  # zero-shot classification of single-object test images
+            assert 0 <= m[f"eval/zs_{attribute}_top1"] <= 100 and 0 <= m[f"eval/zs_{attribute}_mean_recall"] <= 100
 
 
 def test_killed_run_resumes_exactly(zero2_run):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -33,3 +34,17 @@ def load_model_tokenizer(path: str | Path, model):
     if is_export_folder(folder) and ((folder / "tokenizer.json").is_file() or (folder / "vocab.txt").is_file()):
         return load_tokenizer(str(folder))
     return load_tokenizer(model.config.tokenizer)
+
+
+def setup_distributed(device_arg: str | None) -> torch.device:
+    """Joins the process group when launched by torchrun / deepspeed; returns this rank's device (default: its GPU
+    when there is one, else the CPU)."""
+    import torch.distributed as dist
+
+    local_gpu = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    if device_arg in (None, "cuda"):
+        device_arg = local_gpu if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_arg)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device

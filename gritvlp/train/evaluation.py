@@ -1,5 +1,6 @@
-"""Evaluation during pre-training: zero-shot retrieval on a held-out set every `eval.every_epochs` epochs (and the
-demo's hard-negative accuracy when training on the demo set), with the best value so far."""
+"""Evaluation during pre-training: zero-shot retrieval on a held-out set every `eval.every_epochs` epochs (and, when
+training on the demo set, its hard-negative accuracy and zero-shot classification by shape, colour and size), with the
+best value so far."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class EpochEvaluation:
         if pattern and cfg.eval.every_epochs > 0:
             self.retrieval = self._test_set(pattern)
         self.best: dict[str, float] = {}
+        self.zero_shot_sets = None
 
     def _test_set(self, pattern: str) -> RetrievalSet:
         # rank 0 first: it builds (and caches) the test shards' index, so ranks do not race writing it
@@ -56,6 +58,8 @@ class EpochEvaluation:
         metrics = {k: float(v) for k, v in metrics.items() if k not in ("num_images", "num_captions", "k_test")}
         if self.on_demo and self.cfg.eval.hard_negatives:
             metrics.update(self._hard_negatives(model))
+        if self.on_demo and self.cfg.eval.zero_shot:
+            metrics.update(self._zero_shot(model))
         for name, value in metrics.items():
             self.best[name] = max(self.best.get(name, value), value)
         return {**metrics, **{f"best_{k}": v for k, v in self.best.items()}}
@@ -66,6 +70,20 @@ class EpochEvaluation:
         result = evaluate_hard_negatives(model, self.test_pattern, self.device, self.tokenizer)
         return {f"hard_{scorer}_{kind}": float(acc) for scorer, by_kind in result.items() if scorer in ("itm", "itc")
                 for kind, acc in by_kind.items()}  # fmt: skip
+
+    def _zero_shot(self, model) -> dict[str, float]:
+        from gritvlp.eval.classification_data import demo_attribute_sets
+        from gritvlp.eval.zeroshot import evaluate_zeroshot
+
+        if self.zero_shot_sets is None:  # read once, on first use
+            self.zero_shot_sets = demo_attribute_sets(self.test_pattern, self.cfg.model.image_size)
+        metrics = {}
+        for data in self.zero_shot_sets:
+            result = evaluate_zeroshot(model, data, self.device, self.tokenizer, batch_size=self.cfg.eval.batch_size,
+                                       max_tokens=self.cfg.data.max_tokens, progress=False)  # fmt: skip
+            metrics[f"zs_{data.name}_top1"] = result["top1"]
+            metrics[f"zs_{data.name}_mean_recall"] = result["mean_per_class_recall"]
+        return metrics
 
     def state_dict(self) -> dict:
         return {"best": dict(self.best)}
