@@ -70,6 +70,10 @@ class ModelConfig:
     teacher_weights: str | None = None  # local checkpoint; None when every batch carries precomputed targets
     teacher_kwargs: dict = field(default_factory=dict)  # timm architecture overrides of teacher_name
     num_concepts: int = 0  # the head's outputs; 0: the teacher's class count (read from teacher_weights)
+    # DiHT's attribute concepts: a second, multi-label head (binary cross-entropy) against precomputed attribute
+    # labels (KEY.json "concepts"."attributes", scripts/precompute_concepts.py). 0: off. Needs teacher_name: it is
+    # part of concept distillation, whose object targets it accompanies.
+    num_attributes: int = 0
 
     def __post_init__(self) -> None:
         _positive("model", self, "image_size", "embed_dim", "num_text_layers")
@@ -91,8 +95,9 @@ class ModelConfig:
     def _check_teacher(self) -> None:
         _existing_path("model.teacher_weights", self.teacher_weights)
         _require(self.num_concepts >= 0, "model.num_concepts", "must be >= 0", self.num_concepts)
+        _require(self.num_attributes >= 0, "model.num_attributes", "must be >= 0", self.num_attributes)
         if self.teacher_name is None:
-            for key in ("teacher_weights", "teacher_kwargs", "num_concepts"):
+            for key in ("teacher_weights", "teacher_kwargs", "num_concepts", "num_attributes"):
                 _require(not getattr(self, key), f"model.{key}", "needs model.teacher_name (distillation is off)",
                          getattr(self, key))  # fmt: skip
             return
@@ -148,10 +153,13 @@ class ObjectivesConfig:
     # Concept distillation (on when model.teacher_name is set): weight and softmax temperature of the KL term.
     distill_weight: float = 1.0
     distill_temperature: float = 1.0
+    # With model.num_attributes > 0: the distillation term is KL(objects) + distill_attribute_weight x BCE(attributes)
+    # (then x distill_weight in the total).
+    distill_attribute_weight: float = 1.0
 
     def __post_init__(self) -> None:
         weights = ("itc_weight", "consistency_weight", "itm_weight", "mlm_weight", "flm_weight", "distill_weight",
-                   "hn_beta", "hn_alpha")  # fmt: skip
+                   "distill_attribute_weight", "hn_beta", "hn_alpha")  # fmt: skip
         for name in weights:
             _require(getattr(self, name) >= 0, f"objectives.{name}", "must be >= 0", getattr(self, name))
         _require(self.itm_negatives in ("hardest", "sample"), "objectives.itm_negatives",
@@ -297,6 +305,10 @@ class Config:
             _require(self.objectives.distill_weight > 0, "objectives.distill_weight",
                      "must be > 0 with model.teacher_name set (unset the teacher to turn distillation off)",
                      self.objectives.distill_weight)  # fmt: skip
+        if self.model.num_attributes > 0:
+            _require(self.objectives.distill_attribute_weight > 0, "objectives.distill_attribute_weight",
+                     "must be > 0 with model.num_attributes > 0 (set num_attributes to 0 to turn attributes off)",
+                     self.objectives.distill_attribute_weight)  # fmt: skip
 
     def _resolve_reconstructor(self) -> None:
         """The reconstructor exists exactly when FLM is the text objective, so an MLM model carries no unused

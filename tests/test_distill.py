@@ -1,9 +1,11 @@
 """Concept distillation: loss and gradient against a tiny timm teacher, precomputed targets (the teacher not run),
-no teacher = no head and no call, export without the teacher, and scripts/precompute_concepts.py."""
+no teacher = no head and no call, export without the teacher, attribute concepts (loss, masking, collation, config,
+export) and scripts/precompute_concepts.py (with attributes from the teacher's classes)."""
 
 import hashlib
 import importlib.util
 import json
+import math
 import tarfile
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from gritvlp.data.collate import Collator
 from gritvlp.data.demo import ensure_demo_shards
 from gritvlp.data.text import load_tokenizer
 from gritvlp.model.gritvlp import GritVLP
-from gritvlp.objectives.distill import precomputed_targets
+from gritvlp.objectives.distill import attribute_loss, precomputed_targets
 from gritvlp.objectives.pretraining import PretrainingObjective
 
 NUM_CLASSES = 5
@@ -158,6 +160,18 @@ def test_export_keeps_the_head_and_never_the_teacher(teacher_file, tmp_path):
             "objectives.distill_weight",
         ),
         (["objectives.distill_temperature=0"], "objectives.distill_temperature"),
+        (["model.num_attributes=3"], "model.num_attributes"),  # attributes are part of distillation
+        (["model.teacher_name=test_vit", "model.num_concepts=3", "model.num_attributes=-1"], "model.num_attributes"),
+        (
+            [
+                "model.teacher_name=test_vit",
+                "model.num_concepts=3",
+                "model.num_attributes=2",
+                "objectives.distill_attribute_weight=0",
+            ],
+            "objectives.distill_attribute_weight",
+        ),
+        (["objectives.distill_attribute_weight=-1"], "objectives.distill_attribute_weight"),
     ],
 )
 def test_bad_distillation_config_names_the_key(override, key):
@@ -176,6 +190,107 @@ def test_collator_passes_concepts_through():
     assert batch["concept_ids"].tolist() == [[4, 1], [0, 0], [3, 0]]
     torch.testing.assert_close(batch["concept_probs"], torch.tensor([[0.7, 0.2], [0.0, 0.0], [0.9, 0.0]]))
     assert "concept_ids" not in Collator(tokenizer, 25)([sample])
+
+
+# -- attribute concepts -------------------------------------------------------------------------------------------
+def test_attribute_loss_against_a_hand_computed_value():
+    logits = torch.tensor([[2.0, -1.0, 0.0], [0.5, 0.5, 0.5]], requires_grad=True)
+    targets = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 0.0]])
+    both = attribute_loss(logits, targets, torch.ones(2))
+    first = attribute_loss(logits, targets, torch.tensor([1.0, 0.0]))  # row 1 has no labels
+    # BCE with logits: log(1 + e^x) - x y
+    row0 = (math.log1p(math.exp(2.0)) - 2.0 + math.log1p(math.exp(-1.0)) + math.log(2.0)) / 3
+    row1 = (math.log1p(math.exp(0.5)) * 3 - 0.5) / 3
+    assert first.item() == pytest.approx(row0, rel=1e-6)
+    assert both.item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
+    first.backward()
+    assert logits.grad[0].abs().sum() > 0 and logits.grad[1].abs().sum() == 0  # an unlabelled row adds nothing
+
+
+def test_attribute_loss_without_labels_is_zero_and_in_the_graph():
+    logits = torch.randn(3, 4, requires_grad=True)
+    loss = attribute_loss(logits, torch.ones(3, 4), torch.zeros(3))
+    assert loss.item() == 0 and loss.requires_grad
+    loss.backward()  # every rank runs the same backward, labels or not
+    assert torch.equal(logits.grad, torch.zeros(3, 4))
+
+
+def attribute_batch(b=3, num_attributes=4):
+    targets = torch.zeros(b, num_attributes)
+    targets[0, [1, 3]] = 1.0
+    targets[1, 2] = 0.4  # a soft label
+    return {"attribute_targets": targets, "attribute_mask": torch.tensor([1.0, 1.0] + [0.0] * (b - 2))}
+
+
+def test_attribute_distillation_joins_the_total(teacher_file):
+    objective = objective_with_teacher(teacher_file, "model.num_attributes=4", "objectives.distill_attribute_weight=.3")
+    model = objective.model
+    assert model.attribute_head.out_features == 4
+    assert {"attribute_head.weight", "attribute_head.bias"} <= set(model.state_dict())
+    batch = {**text_batch(3), **attribute_batch()}
+    out = objective(batch)
+    with torch.no_grad():
+        expected = attribute_loss(model.attribute_logits(model.encode_image(batch["image"])[0]),
+                                  batch["attribute_targets"], batch["attribute_mask"])  # fmt: skip
+    assert out["distill_attributes"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert out["distill"].item() == pytest.approx(out["distill_objects"].item() + 0.3 * expected.item(), rel=1e-5)
+    assert not out["distill_objects"].requires_grad and not out["distill_attributes"].requires_grad  # logged only
+    out["loss"].backward()
+    assert model.attribute_head.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="attribute_targets"):
+        objective(text_batch(3))  # a collator built without num_attributes
+
+
+def test_without_attributes_the_distillation_term_is_the_objects_alone(teacher_file):
+    objective = objective_with_teacher(teacher_file)
+    assert objective.model.attribute_head is None
+    out = objective({**text_batch(2), **attribute_batch(2)})  # attribute targets are ignored
+    assert torch.equal(out["distill"].detach(), out["distill_objects"]) and "distill_attributes" not in out
+
+
+def test_collator_builds_attribute_targets():
+    tokenizer = load_tokenizer(None)
+    sample = {"image": torch.zeros(3, 8, 8), "caption": "a red circle", "index": 0, "group_id": 0}
+    samples = [
+        {**sample, "concepts": {"ids": [4], "probs": [0.7], "attributes": [0, 2]}},
+        {**sample, "index": 1},  # no concepts at all
+        {**sample, "index": 2, "concepts": {"attributes": [1, 3], "attribute_probs": [0.25, 1.0]}},  # no objects
+        {**sample, "index": 3, "concepts": {"attributes": []}},  # labelled: no attribute applies
+        {**sample, "index": 4, "concepts": {"ids": [1], "probs": [1.0]}},  # objects only
+    ]
+    batch = Collator(tokenizer, 25, num_attributes=4)(samples)
+    expected = [[1, 0, 1, 0], [0, 0, 0, 0], [0, 0.25, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0]]
+    torch.testing.assert_close(batch["attribute_targets"], torch.tensor(expected))
+    assert batch["attribute_mask"].tolist() == [1, 0, 1, 1, 0]
+    assert batch["concept_ids"].tolist() == [[4], [0], [0], [0], [1]]  # rows without objects get no object target
+    none = Collator(tokenizer, 25, num_attributes=4)([sample, {**sample, "index": 1}])
+    assert none["attribute_targets"].shape == (2, 4) and none["attribute_mask"].tolist() == [0, 0]
+    assert "attribute_targets" not in Collator(tokenizer, 25)(samples)  # no attribute head: not collated
+    with pytest.raises(ValueError, match=r"sample 7: attribute id 4 is outside \[0, 4\)"):
+        Collator(tokenizer, 25, num_attributes=4)([{**sample, "index": 7, "concepts": {"attributes": [1, 4]}}])
+    with pytest.raises(ValueError, match="sample 8: 2 attributes but 1 attribute_probs"):
+        Collator(tokenizer, 25, num_attributes=4)(
+            [{**sample, "index": 8, "concepts": {"attributes": [1, 2], "attribute_probs": [0.5]}}]
+        )
+
+
+def test_export_round_trips_the_attribute_head(tmp_path):
+    cfg = load_config("demo", ["model.teacher_name=test_vit", "model.num_concepts=5", "model.num_attributes=6"])
+    torch.manual_seed(0)
+    model = GritVLP(cfg.model)
+    state = model.state_dict()
+    assert state["attribute_head.weight"].shape == (6, model.vision.width)
+    folder = tmp_path / "export"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(model.config_dict()))
+    loaded = GritVLP.from_pretrained(folder)  # strict: every tensor, the attribute head's included
+    assert loaded.config.num_attributes == 6
+    for key, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+    data = model.config_dict()
+    del data["model"]["num_attributes"]  # a config.json written before attributes existed
+    assert GritVLP.from_config_dict(data).attribute_head is None
 
 
 # -- scripts/precompute_concepts.py ---------------------------------------------------------------------------------
@@ -254,3 +369,53 @@ def test_a_killed_precompute_leaves_no_partial_shard(teacher_file, tmp_path, mon
     monkeypatch.setattr(script.Labeller, "__call__", original_call)
     assert script.main(argv)["labelled"] == 8
     assert sorted(p.name for p in out.iterdir()) == ["train-000000.tar"]
+
+
+def test_teacher_tags_give_the_attributes_of_probable_classes(tmp_path):
+    tags = load_script().TeacherTagAttributes
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps({"4": [2, 0], "1": [0, 5], "0": [7], "3": []}))
+    attributes = tags(mapping, NUM_CLASSES, 0.1)
+    assert attributes({"ids": [4, 1, 0, 2], "probs": [0.5, 0.3, 0.05, 0.15]}) == [0, 2, 5]  # class 0: too unlikely
+    assert attributes({"ids": [3, 2], "probs": [0.9, 0.1]}) == []  # 0.1 is not above the threshold
+    for bad, match in [({"5": [1]}, "'5' is not a class index"), ({"x": [1]}, "'x' is not a class index"),
+                       ({"2": 1}, "class 2 must map to a list"), ({"2": [-1]}, "class 2 must map")]:  # fmt: skip
+        mapping.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=match):
+            tags(mapping, NUM_CLASSES, 0.1)
+
+
+def test_precompute_attributes_from_teacher_tags(teacher_file, tmp_path):
+    train, _ = ensure_demo_shards(str(tmp_path / "demo"), 6, 1, samples_per_shard=6, progress=False)
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps({str(c): [c, 10 + c % 2] for c in range(NUM_CLASSES)}))
+    out = tmp_path / "labelled"
+    stats = load_script().main([train, "--teacher", "test_vit", "--weights", str(teacher_file), "--topk", "3",
+                                "--attributes-from", "teacher-tags", "--teacher-attributes", str(mapping),
+                                "--attribute-threshold", "0.15", "--out", str(out), "--device", "cpu"])  # fmt: skip
+    assert stats["labelled"] == 6 and stats["undecodable"] == 0
+    written = [json.loads(data)["concepts"] for name, data in members(out / "train-000000.tar") if ".json" in name]
+    assert len(written) == 6
+    for found in written:
+        classes = [c for c, p in zip(found["ids"], found["probs"]) if p > 0.15]
+        assert found["attributes"] == sorted({a for c in classes for a in (c, 10 + c % 2)})
+    assert stats["with_attributes"] == sum(1 for c in written if c["attributes"])
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--attributes-from", "teacher-tags", "--teacher-attributes", "m.json"], "--teacher is required"),
+        ([], "--teacher is required"),
+        (["--teacher", "test_vit"], "--teacher and --weights go together"),
+        (["--attributes-from", "caption", "--attribute-vocab", "v", "--weights", "w"], "--teacher and --weights"),
+        (["--attributes-from", "caption"], "--attribute-vocab goes with"),
+        (["--attribute-vocab", "v.txt", "--teacher", "t", "--weights", "w"], "--attribute-vocab goes with"),
+        (["--teacher", "t", "--weights", "w", "--attributes-from", "teacher-tags"], "--teacher-attributes goes with"),
+        (["--attributes-from", "caption", "--attribute-vocab", "v", "--attribute-threshold", "1"], "threshold"),
+    ],
+)
+def test_precompute_rejects_incomplete_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        load_script().parse_args(["shards", "--out", "o", *argv])
+    assert message in capsys.readouterr().err

@@ -1,5 +1,5 @@
 """Batches ShardDataset samples: drops corrupt (None) samples, stacks images, tokenises captions, and passes
-precomputed concept targets through."""
+precomputed concept targets (objects and attributes) through."""
 
 from __future__ import annotations
 
@@ -13,10 +13,15 @@ class Collator:
 
     When a sample carries "concepts" ({"ids": [...], "probs": [...]}, the teacher's top classes written into the
     shard's KEY.json by scripts/precompute_concepts.py), the batch gets concept_ids [b, K] long and concept_probs
-    [b, K] float, K the most any sample has, zero-padded; a sample without concepts gets a zero row (no target)."""
+    [b, K] float, K the most any sample has, zero-padded; a sample without concepts gets a zero row (no target).
 
-    def __init__(self, tokenizer, max_tokens: int = 25):
-        self.tokenizer, self.max_tokens = tokenizer, max_tokens
+    With num_attributes > 0 (model.num_attributes), the concepts' "attributes" (ids, and optionally
+    "attribute_probs" for soft labels) become attribute_targets [b, num_attributes] float (multi-hot, or the given
+    values) and attribute_mask [b] float: 1 where the sample has attribute labels, 0 for a sample without (its row
+    is all 0 and counts for nothing). Both are in every batch, even one where no sample has labels."""
+
+    def __init__(self, tokenizer, max_tokens: int = 25, num_attributes: int = 0):
+        self.tokenizer, self.max_tokens, self.num_attributes = tokenizer, max_tokens, num_attributes
 
     def __call__(self, samples: list[dict | None]) -> dict:
         good = [s for s in samples if s is not None]
@@ -40,6 +45,7 @@ class Collator:
             "num_skipped": len(samples) - len(good),
             "captions": captions,
             **concept_targets(good),
+            **(attribute_targets(good, self.num_attributes) if self.num_attributes else {}),
         }
 
 
@@ -51,8 +57,8 @@ def caption_ids(samples: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def concept_targets(samples: list[dict]) -> dict[str, torch.Tensor]:
-    """concept_ids / concept_probs of the samples' precomputed concepts; nothing when none has any."""
-    concepts = [s.get("concepts") for s in samples]
+    """concept_ids / concept_probs of the samples' precomputed object concepts; nothing when none has any."""
+    concepts = [c if c and "ids" in c else None for c in (s.get("concepts") for s in samples)]
     if not any(concepts):
         return {}
     width = max(len(c["ids"]) for c in concepts if c)
@@ -66,3 +72,24 @@ def concept_targets(samples: list[dict]) -> dict[str, torch.Tensor]:
             ids[row, : len(c["ids"])] = torch.tensor(c["ids"], dtype=torch.long)
             probs[row, : len(c["probs"])] = torch.tensor(c["probs"], dtype=torch.float)
     return {"concept_ids": ids, "concept_probs": probs}
+
+
+def attribute_targets(samples: list[dict], num_attributes: int) -> dict[str, torch.Tensor]:
+    """attribute_targets [b, num_attributes] and attribute_mask [b] of the samples' precomputed attributes."""
+    targets = torch.zeros(len(samples), num_attributes)
+    mask = torch.zeros(len(samples))
+    for row, sample in enumerate(samples):
+        concepts = sample.get("concepts") or {}
+        if "attributes" not in concepts:
+            continue
+        ids = concepts["attributes"]
+        values = concepts.get("attribute_probs", [1.0] * len(ids))
+        if len(values) != len(ids):
+            raise ValueError(f"sample {sample.get('index')}: {len(ids)} attributes but {len(values)} attribute_probs")
+        bad = [i for i in ids if not 0 <= i < num_attributes]
+        if bad:
+            raise ValueError(f"sample {sample.get('index')}: attribute id {bad[0]} is outside [0, {num_attributes}) "
+                             "(model.num_attributes must cover the attribute vocabulary)")  # fmt: skip
+        targets[row, torch.tensor(ids, dtype=torch.long)] = torch.tensor(values, dtype=torch.float)
+        mask[row] = 1.0
+    return {"attribute_targets": targets, "attribute_mask": mask}

@@ -113,14 +113,36 @@ class SampleKeys(Sequence):
 
 
 def well_formed_concepts(concepts) -> bool:
-    """{"ids": [int >= 0, ...], "probs": [finite number >= 0, ...], ...} with as many ids as probabilities (at
-    least one): what the Collator turns into concept_ids / concept_probs rows."""
-    if not isinstance(concepts, dict):
+    """What the Collator turns into concept and attribute rows: a dict with objects, attributes or both. Objects:
+    "ids": [int >= 0, ...] and "probs": [finite number >= 0, ...], as many of each (at least one). Attributes:
+    "attributes": [int >= 0, ...] (may be empty: no attribute applies) and optionally "attribute_probs", as many
+    numbers in [0, 1]."""
+    if not isinstance(concepts, dict) or not ("ids" in concepts or "attributes" in concepts):
         return False
-    ids, probs = concepts.get("ids"), concepts.get("probs")
+    objects = "ids" in concepts or "probs" in concepts
+    if objects and not _well_formed_objects(concepts.get("ids"), concepts.get("probs")):
+        return False
+    if "attributes" in concepts or "attribute_probs" in concepts:
+        return _well_formed_attributes(concepts.get("attributes"), concepts.get("attribute_probs"))
+    return True
+
+
+def _well_formed_objects(ids, probs) -> bool:
     if not (isinstance(ids, list) and isinstance(probs, list) and 0 < len(ids) == len(probs)):
         return False
-    return all(type(i) is int and i >= 0 for i in ids) and all(_is_probability(p) for p in probs)
+    return all(_is_id(i) for i in ids) and all(_is_probability(p) for p in probs)
+
+
+def _well_formed_attributes(ids, probs) -> bool:
+    if not isinstance(ids, list) or not all(_is_id(i) for i in ids):
+        return False
+    if probs is None:
+        return True
+    return isinstance(probs, list) and len(probs) == len(ids) and all(_is_probability(p) and p <= 1 for p in probs)
+
+
+def _is_id(value) -> bool:
+    return type(value) is int and value >= 0
 
 
 def _is_probability(value) -> bool:
@@ -136,7 +158,7 @@ class ShardDataset(torch.utils.data.Dataset):
     index_dir: where the sample index lives (default: `.gritvlp-index` in the shards' common folder, else the user
     cache); it is built there (the folder created) when missing or out of date.
     read_concepts: also read KEY.json and return its "concepts" field (scripts/precompute_concepts.py's teacher
-    targets) under "concepts"; off, no KEY.json byte is read. A sample whose KEY.json is missing, lacks the field or
+    targets and attribute labels) under "concepts"; off, no KEY.json byte is read. A sample whose KEY.json is missing, lacks the field or
     is broken comes without "concepts" (a broken one is logged once per process), never as None.
     """
 

@@ -1,10 +1,10 @@
 """The GRIT-VLP model: ViT image encoder, BERT text + fusion encoder, projections, ITM and MLM heads, and the
-optional pre-training modules: FLM's reconstructor and the concept head of DiHT's distillation (with its frozen
-teacher, held outside the state dict).
+optional pre-training modules: FLM's reconstructor and the concept heads of DiHT's distillation (objects, with
+the frozen teacher held outside the state dict, and optionally attributes).
 
 Modules and the encoders only: encode_image, encode_text, fuse (and itm_logits on top of it), layer_states,
-reconstruct, concept_logits. The pre-training losses are composed in gritvlp.objectives (PretrainingObjective),
-which calls these.
+reconstruct, concept_logits, attribute_logits. The pre-training losses are composed in gritvlp.objectives
+(PretrainingObjective), which calls these.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class GritVLP(nn.Module):
         self.special_tokens = dict(special_tokens or BERT_SPECIAL_TOKENS)  # ids the masking needs
         layers = config.reconstructor_layers or 0
         self.reconstructor = Reconstructor(bert_config, layers) if layers else None
-        self.concept_head, self._teacher = None, []
+        self.concept_head, self.attribute_head, self._teacher = None, None, []
         if config.teacher_name:
             self._build_concept_distillation()
         if config.text_weights:
@@ -85,8 +85,9 @@ class GritVLP(nn.Module):
         )  # fmt: skip
 
     def _build_concept_distillation(self) -> None:
-        """The student's concept head and, with teacher weights, the frozen teacher. Its class count fixes the
-        head's size, recorded in self.config so an exported model rebuilds the head without the teacher."""
+        """The student's concept head, its attribute head (model.num_attributes > 0) and, with teacher weights, the
+        frozen teacher. Its class count fixes the concept head's size, recorded in self.config so an exported model
+        rebuilds the head without the teacher."""
         from gritvlp.data.transforms import CLIP_MEAN, CLIP_STD
 
         config, teacher = self.config, None
@@ -101,6 +102,8 @@ class GritVLP(nn.Module):
             self.config = dataclasses.replace(config, num_concepts=teacher.num_classes)
             self._teacher = [teacher]  # a list: never registered, so never trained, checkpointed or exported
         self.concept_head = nn.Linear(self.vision.width, self.config.num_concepts)
+        if config.num_attributes:
+            self.attribute_head = nn.Linear(self.vision.width, config.num_attributes)
 
     @property
     def teacher(self) -> ConceptTeacher | None:
@@ -171,6 +174,12 @@ class GritVLP(nn.Module):
         if self.concept_head is None:
             raise RuntimeError("this model has no concept head: set model.teacher_name")
         return self.concept_head(image_embeds[:, 0])
+
+    def attribute_logits(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """[B, num_attributes] attribute logits (one independent yes/no each) on the image [CLS] token."""
+        if self.attribute_head is None:
+            raise RuntimeError("this model has no attribute head: set model.num_attributes")
+        return self.attribute_head(image_embeds[:, 0])
 
     def itm_logits(self, image_embeds, text_hidden, attention_mask) -> torch.Tensor:
         """[B, 2] image-text matching logits (index 1: match) of the fused [CLS] state (or the mean fused state,

@@ -8,13 +8,20 @@ logits / T)) or precomputed (scripts/precompute_concepts.py: the teacher's top-k
 T = 1, carried by the batch as concept_ids / concept_probs [B, K]). A precomputed distribution is tempered as
 p_T ∝ p^(1/T), which equals softmax(logits / T) restricted to the stored classes; rows whose probabilities are all
 0 (a sample without a target) are left out. With precomputed targets in the batch the teacher is not run.
+
+Attributes (model.num_attributes > 0): a second, multi-label head on the same token, trained with binary
+cross-entropy (with logits) against multi-hot or soft targets in [0, 1], always precomputed (KEY.json "concepts"
+"attributes", carried by the batch as attribute_targets [B, A] and attribute_mask [B]): the mean over the attributes
+of a row, averaged over the rows that have labels.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 CONCEPT_KEYS = ("concept_ids", "concept_probs")
+ATTRIBUTE_KEYS = ("attribute_targets", "attribute_mask")
 
 
 def teacher_targets(teacher, images: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,3 +48,11 @@ def distill_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Ten
     log_student = torch.log_softmax(logits.float() / temperature, dim=1)
     kl = (torch.xlogy(targets, targets) - targets * log_student).sum(dim=1)
     return temperature**2 * (kl * weights).sum() / weights.sum().clamp(min=1)
+
+
+def attribute_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of [B, A] logits against [B, A] targets in [0, 1], the mean over the attributes of each
+    row, then over the rows with labels (mask [B]); 0 when no row has any, still connected to the graph."""
+    bce = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none").mean(dim=1)
+    mask = mask.float()
+    return (bce * mask).sum() / mask.sum().clamp(min=1)

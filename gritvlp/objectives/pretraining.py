@@ -1,5 +1,6 @@
 """GRIT-VLP's pre-training objective, composed: ITA (contrastive + consistency) + ITM on hard negatives + a text
-objective (MLM, or FLM: objectives.text_objective) + concept distillation when the model has a concept head.
+objective (MLM, or FLM: objectives.text_objective) + concept distillation when the model has a concept head
+(objects, and attributes when it has an attribute head).
 
 False negatives are handled as MAFA does: samples with identical captions are positives of each other
 (objectives.caption_positives), a frozen filter model re-judges the chosen ITM negatives (connection mining,
@@ -22,7 +23,7 @@ from torch.profiler import record_function
 from gritvlp.config import ObjectivesConfig
 from gritvlp.model.gritvlp import GritVLP
 
-from .distill import CONCEPT_KEYS, distill_loss, precomputed_targets, teacher_targets
+from .distill import ATTRIBUTE_KEYS, CONCEPT_KEYS, attribute_loss, distill_loss, precomputed_targets, teacher_targets
 from .false_negatives import duplicate_pairs, false_negative_stats
 from .flm import FLM_KEYS, FLM_TERMS, flm_losses, prepare_flm
 from .itc import consistency, contrastive_terms, ita
@@ -35,9 +36,11 @@ log = logging.getLogger("gritvlp.objectives")
 # The false-negative statistics (gritvlp.objectives.false_negatives; the last two only while mining)
 FALSE_NEGATIVE_TERMS = ("false_negative_share", "itm_false_negative_share", "converted_negatives",
                         "replaced_negatives")  # fmt: skip
+# Concept distillation: the term in the total (objects + weighted attributes) and its two parts
+DISTILL_TERMS = ("distill", "distill_objects", "distill_attributes")
 # What forward returns besides the features: the logged terms and metrics (each only when its objective runs)
-TERMS = ("loss", "itc", "consistency", "itm", "mlm", *FLM_TERMS, "distill", "itm_acc", "temp", "sim_pos", "sim_neg",
-         "sim_itm_neg", *FALSE_NEGATIVE_TERMS)  # fmt: skip
+TERMS = ("loss", "itc", "consistency", "itm", "mlm", *FLM_TERMS, *DISTILL_TERMS, "itm_acc", "temp", "sim_pos",
+         "sim_neg", "sim_itm_neg", *FALSE_NEGATIVE_TERMS)  # fmt: skip
 
 
 class PretrainingObjective(nn.Module):
@@ -107,7 +110,8 @@ class PretrainingObjective(nn.Module):
 
     def forward(self, batch: dict) -> dict:
         """Losses of one batch (keys: image, input_ids, attention_mask, group_id, the MLM or FLM inputs of
-        prepare_batch, and optionally precomputed concept targets concept_ids / concept_probs). Returns 'loss' (the
+        prepare_batch, and optionally precomputed concept targets concept_ids / concept_probs and attribute targets
+        attribute_targets / attribute_mask, which a model with an attribute head needs). Returns 'loss' (the
         weighted total), each term, metrics and the detached features for the GRIT bank. Without the MLM or FLM
         inputs they are drawn here, after copying input_ids to the host: the slow path (on CUDA the copy waits for
         the device), for direct use. Each part runs in a profiler range (gritvlp.vision, .text, .itc (with .mining),
@@ -139,7 +143,7 @@ class PretrainingObjective(nn.Module):
                 total = total + self.text_scale * cfg.flm_weight * out["flm"]
         if model.concept_head is not None:
             with record_function("gritvlp.distill"):
-                out["distill"] = self._distill(batch, image_embeds)
+                out.update(self._distill(batch, image_embeds))
                 total = total + cfg.distill_weight * out["distill"]
         out["loss"] = total
         return out
@@ -151,9 +155,22 @@ class PretrainingObjective(nn.Module):
         device = batch["input_ids"].device
         return {**batch, **{k: v.to(device) for k, v in self.prepare_batch(batch).items() if k in keys}}
 
-    def _distill(self, batch: dict, image_embeds: torch.Tensor) -> torch.Tensor:
-        """Concept distillation: targets from the batch when it carries them (the teacher is then not run), else
-        from the teacher on this batch's images."""
+    def _distill(self, batch: dict, image_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Concept distillation: "distill" (objects + distill_attribute_weight x attributes, in the graph) and its
+        parts (detached). Object targets come from the batch when it carries them (the teacher is then not run),
+        else from the teacher on this batch's images; attribute targets always come from the batch."""
+        objects = self._distill_objects(batch, image_embeds)
+        if self.model.attribute_head is None:
+            return {"distill": objects, "distill_objects": objects.detach()}
+        if not all(key in batch for key in ATTRIBUTE_KEYS):
+            raise ValueError("model.num_attributes > 0 needs attribute_targets / attribute_mask in every batch "
+                             "(Collator(..., num_attributes=model.num_attributes) makes them)")  # fmt: skip
+        attributes = attribute_loss(self.model.attribute_logits(image_embeds), batch["attribute_targets"],
+                                    batch["attribute_mask"])  # fmt: skip
+        total = objects + self.config.distill_attribute_weight * attributes
+        return {"distill": total, "distill_objects": objects.detach(), "distill_attributes": attributes.detach()}
+
+    def _distill_objects(self, batch: dict, image_embeds: torch.Tensor) -> torch.Tensor:
         model, temperature = self.model, self.config.distill_temperature
         if all(key in batch for key in CONCEPT_KEYS):
             targets, weights = precomputed_targets(

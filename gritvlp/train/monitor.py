@@ -11,7 +11,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-LOSS_TERMS = ("itc", "consistency", "itm", "mlm", "flm", "flm_reconstruction", "flm_next", "flm_previous", "distill")
+LOSS_TERMS = ("itc", "consistency", "itm", "mlm", "flm", "flm_reconstruction", "flm_next", "flm_previous", "distill",
+              "distill_objects", "distill_attributes")  # fmt: skip
 TRAIN_METRICS = ("itm_acc", "temp")
 SIMILARITIES = ("sim_pos", "sim_neg", "sim_itm_neg")
 # False negatives in the batch (share of in-batch pairs sharing an image or a caption; of chosen ITM negatives that

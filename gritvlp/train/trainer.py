@@ -91,7 +91,7 @@ class Trainer:
         if zero_stage(self.ds_config) == 3:
             self.objective.register_zero3_external_parameters()
         self.dtype = precision_dtype(self.ds_config)
-        self.collator = Collator(self.tokenizer, cfg.data.max_tokens)
+        self.collator = Collator(self.tokenizer, cfg.data.max_tokens, num_attributes=cfg.model.num_attributes)
         self.evaluation = EpochEvaluation(cfg, self.tokenizer, self.device)
         self.last_eval_step = self.last_saved_step = -1
         self.state = RunState()
