@@ -3,7 +3,7 @@ import tarfile
 from collections import defaultdict
 from pathlib import Path
 
-from gritvlp.data.demo import HELD_OUT, OPPOSITE, ensure_demo_shards, make_demo_shards
+from gritvlp.data.demo import HELD_OUT, OPPOSITE, ensure_demo_shards, is_demo_split, make_demo_shards
 from gritvlp.data.shards import expand_shards
 
 ARGS = dict(num_train=120, num_test=40, image_size=32, samples_per_shard=50, progress=False)
@@ -88,3 +88,14 @@ def test_ensure_reuses_and_regenerates(tmp_path):
     ensure_demo_shards(str(out), **{**args, "num_train": 30})
     assert json.loads((out / "manifest.json").read_text())["num_train"] == 30
     assert sorted(p.name for p in tmp_path.iterdir()) == [".demo.lock", "demo"]  # no temporary folder left
+
+
+def test_demo_splits_are_recognised_by_their_manifest(tmp_path):
+    train, test = ensure_demo_shards(str(tmp_path / "demo"), 8, 8, progress=False)
+    assert is_demo_split(train) and is_demo_split(test)
+    other = tmp_path / "copied"
+    other.mkdir()
+    shard = expand_shards(test)[0]
+    (other / Path(shard).name).write_bytes(Path(shard).read_bytes())  # the same tar, without the generator's manifest
+    assert not is_demo_split(str(other)) and not is_demo_split(f"{test}::{other}")
+    assert not is_demo_split(str(tmp_path / "missing-*.tar"))

@@ -282,6 +282,24 @@ def make_demo_shards(
     return _pattern(out_dir, "train", shards["train"]), _pattern(out_dir, "test", shards["test"])
 
 
+def is_demo_split(pattern: str) -> bool:
+    """Whether shards were written by this generator (their folder holds its manifest.json): the demo-only
+    evaluations (hard negatives, attribute classification) read the scenes in their KEY.json."""
+    from gritvlp.data.shards import expand_shards
+
+    try:
+        folders = {Path(shard).parent for shard in expand_shards(pattern)}
+    except (FileNotFoundError, ValueError):
+        return False
+    for folder in folders:
+        try:
+            if json.loads((folder / "manifest.json").read_text()).get("version") != MANIFEST_VERSION:
+                return False
+        except (OSError, ValueError, AttributeError):
+            return False
+    return bool(folders)
+
+
 def _matching_patterns(out_dir: str, args: dict) -> tuple[str, str] | None:
     try:
         manifest = json.loads(Path(out_dir, "manifest.json").read_text())

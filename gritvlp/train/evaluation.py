@@ -9,6 +9,7 @@ import logging
 import torch
 
 from gritvlp.config import Config
+from gritvlp.data.demo import is_demo_split
 from gritvlp.eval.data import RetrievalSet, from_shards
 from gritvlp.eval.retrieval import evaluate_retrieval
 from gritvlp.train.data import barrier, demo_test_shards, is_main
@@ -22,7 +23,7 @@ class EpochEvaluation:
     def __init__(self, cfg: Config, tokenizer, device: torch.device):
         self.cfg, self.tokenizer, self.device = cfg, tokenizer, device
         pattern = cfg.eval.test_shards or (demo_test_shards(cfg) if not cfg.data.train_shards else "")
-        self.on_demo = pattern != "" and not cfg.eval.test_shards
+        self.on_demo = pattern != "" and is_demo_split(pattern)  # the demo's scenes: its own evaluations too
         self.test_pattern = pattern
         self.retrieval: RetrievalSet | None = None
         if pattern and cfg.eval.every_epochs > 0:
