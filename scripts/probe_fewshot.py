@@ -10,7 +10,7 @@ regression from scratch, for k shots per class and several seeds, with the zero-
 The shots (k training + k validation images per class, disjoint) are drawn from the training images, the accuracy
 is measured on the test images. --demo-shards takes the demo set's folder: shape, colour and size of its
 single-object images, shots from the training split, tested on the test split (whose objects are all (shape,
-colour) pairs never seen in training). See gritvlp/eval/probing.py for both probes.
+colour) pairs never seen in training), or on --demo-test-shards. See gritvlp/eval/probing.py for both probes.
 """
 
 import argparse
@@ -25,6 +25,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="export folder, or DeepSpeed checkpoints / tag folder")
     parser.add_argument("--demo-shards", help="folder of the demo set (train-*.tar and test-*.tar)")
+    parser.add_argument("--demo-test-shards", help="demo shards to test on instead of the folder's test split, e.g. "
+                        "another draw's training split (seen (shape, colour) pairs)")
     parser.add_argument("--train-folder", help="image folder (one sub-folder per class) the shots come from")
     parser.add_argument("--test-folder", help="image folder with the same classes, for the accuracy")
     parser.add_argument("--classnames", help="class-name file (CLIP_benchmark layout; default: folder names)")
@@ -51,7 +53,7 @@ def task_pairs(args, image_size: int):
     if args.demo_shards:
         folder = Path(args.demo_shards)
         train = cdata.demo_attribute_sets(str(folder / "train-*.tar"), image_size)
-        test = cdata.demo_attribute_sets(str(folder / "test-*.tar"), image_size)
+        test = cdata.demo_attribute_sets(args.demo_test_shards or str(folder / "test-*.tar"), image_size)
         return list(zip(train, test))
     names = load_prompt_file(args.classnames, args.dataset) if args.classnames else None
     templates = load_prompt_file(args.templates, args.dataset) if args.templates else ["a photo of a {c}."]
@@ -120,7 +122,8 @@ def plot(results: dict, path: str) -> None:
         ax.set_xlabel("shots per class (k)")
         ax.set_ylabel("test accuracy (%)")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"few-shot linear probing, mean ± sd over {results['seeds']} shot draws")
+    fig.suptitle(f"few-shot linear probing, mean ± sd over {results['seeds']} shot draws; tested on {results['test']}",
+                 fontsize=9)  # fmt: skip
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -140,7 +143,8 @@ def main(argv=None) -> dict:
         pairs = task_pairs(args, model.config.image_size)
     except (FileNotFoundError, KeyError, ValueError) as err:
         sys.exit(f"error: {err}")
-    results = {"model": str(args.model), "seeds": args.seeds, "shots": args.shots, "steps": args.steps, "tasks": {}}
+    results = {"model": str(args.model), "test": args.demo_test_shards or args.test_folder or "demo test split",
+               "seeds": args.seeds, "shots": args.shots, "steps": args.steps, "tasks": {}}
     for train, test in pairs:
         results["tasks"][train.name] = probe_task(model, tokenizer, train, test, args, device)
     if args.out:
