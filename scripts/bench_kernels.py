@@ -16,8 +16,11 @@ products in bf16 through cuBLAS, softmax and losses in fp32); `eager_fp32` is th
 test oracle). Ratios are against `eager`: speedup = t_eager / t, memory = peak / peak_eager. The JSON is written
 after every shape, so a run cut short keeps what it measured.
 
-The fused kernels need CUDA. On a CPU machine only the reference runs (eager, and compiled unless
---skip-compile), in fp32; --quick shrinks the shapes. The output and the JSON say so. Peak memory is
+On a CPU machine the reference runs (eager, and compiled unless --skip-compile) in fp32; --quick shrinks the
+shapes. The fused kernels run there only through the Triton interpreter (TRITON_INTERPRET=1, set unless the
+environment says otherwise), which takes minutes per call at those shapes, so only on tiny extra shapes first
+(D = 32, V = 64): a check that the whole benchmark runs, whose fused times measure the interpreter. The output
+and the JSON ("fused_ran": false, "fused_interpreted") say so. Peak memory is
 torch.cuda.max_memory_allocated on CUDA; on CPU it is the peak of live tensor storage seen at dispatch, which
 compiled code bypasses, so torch.compile gets no CPU memory figure (tensors created before the measured
 call, i.e. the inputs, are not counted on either device). CPU timings on a shared machine are noisy.
@@ -27,9 +30,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import importlib.metadata
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -46,12 +49,27 @@ from torch.utils._pytree import tree_flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 DIM, HIDDEN, VOCAB = 256, 768, 30522
-# ITC cases: (local B, gathered N, extra keyword arguments of itc_loss)
-FULL_ITC = [(512, 512, {}), (4096, 4096, {}), (4096, 32768, {}), (4096, 4096, {"hn_beta": 0.5}),
-            (4096, 4096, {"negatives": "sample"}), (4096, 4096, {"stop_grad_keys": False})]  # fmt: skip
-QUICK_ITC = [(128, 128, {}), (256, 1024, {}), (256, 256, {"hn_beta": 0.5}), (256, 256, {"stop_grad_keys": False})]
-FULL_LM = [1920, 7680]
-QUICK_LM = [200, 800]
+
+
+def itc_case(b, n, d=DIM, **kwargs):
+    """An ITC shape as the JSON records it: local B, gathered N, D, and keyword arguments of itc_terms."""
+    return {"B": b, "N": n, "D": d, **kwargs}
+
+
+def lm_case(rows, vocab=VOCAB, hidden=HIDDEN):
+    return {"labelled_rows": rows, "V": vocab, "H": hidden}
+
+
+FULL_ITC = [itc_case(512, 512), itc_case(4096, 4096), itc_case(4096, 32768), itc_case(4096, 4096, hn_beta=0.5),
+            itc_case(4096, 4096, negatives="sample"), itc_case(4096, 4096, stop_grad_keys=False)]  # fmt: skip
+QUICK_ITC = [itc_case(128, 128), itc_case(256, 1024), itc_case(256, 256, hn_beta=0.5),
+             itc_case(256, 256, stop_grad_keys=False)]  # fmt: skip
+FULL_LM = [lm_case(1920), lm_case(7680)]
+QUICK_LM = [lm_case(200), lm_case(800)]
+# CPU: the only shapes where the fused kernels run, interpreted (a second or so per call; B = N = 128 at D = 256
+# takes minutes, and so does the interpreted cross-entropy over V = 30522 for a few rows)
+INTERPRETED_ITC = [itc_case(16, 16, 32), itc_case(16, 64, 32, hn_beta=0.5, stop_grad_keys=False)]
+INTERPRETED_LM = [lm_case(16, 64, 32)]
 
 
 class _LiveTensorBytes(TorchDispatchMode):
@@ -136,10 +154,11 @@ def measure(forward, params, device, reps, warmup, memory=True) -> dict:
 def itc_inputs(case, dtype, device):
     """Local features [B, D] (leaves), the gathered ones [N, D] holding them at rows [offset, offset + B); with
     stop_grad_keys=False the gathered features are the leaves (the local ones are views of them)."""
-    b, n, kwargs = case
+    b, n, d = case["B"], case["N"], case["D"]
+    kwargs = {k: v for k, v in case.items() if k not in ("B", "N", "D")}
     g = torch.Generator(device="cpu").manual_seed(0)
-    image_all = F.normalize(torch.randn(n, DIM, generator=g), dim=-1).to(device, dtype)
-    text_all = F.normalize(torch.randn(n, DIM, generator=g), dim=-1).to(device, dtype)
+    image_all = F.normalize(torch.randn(n, d, generator=g), dim=-1).to(device, dtype)
+    text_all = F.normalize(torch.randn(n, d, generator=g), dim=-1).to(device, dtype)
     temp = torch.tensor(0.07, device=device, requires_grad=True)
     offset = (n - b) // 2
     if not kwargs.get("stop_grad_keys", True):
@@ -159,15 +178,16 @@ def itc_call(fn, inputs):
     else:
         img, txt, temp, image_all, text_all, offset, kwargs = feats
     gathered = dict(image_all=image_all, text_all=text_all, offset=offset) if image_all.shape[0] > img.shape[0] else {}
-    return fn(img, txt, temp, **gathered, **kwargs).loss
+    return fn(img, txt, temp, **gathered, **kwargs)
 
 
-def lm_inputs(rows, dtype, device):
+def lm_inputs(case, dtype, device):
+    rows, vocab, hidden_size = case["labelled_rows"], case["V"], case["H"]
     g = torch.Generator(device="cpu").manual_seed(0)
-    hidden = torch.randn(rows, HIDDEN, generator=g).to(device, dtype).requires_grad_()
-    weight = (torch.randn(VOCAB, HIDDEN, generator=g) * 0.02).to(device, dtype).requires_grad_()
-    bias = torch.zeros(VOCAB, device=device, dtype=dtype, requires_grad=True)
-    labels = torch.randint(0, VOCAB, (rows,), generator=g).to(device)
+    hidden = torch.randn(rows, hidden_size, generator=g).to(device, dtype).requires_grad_()
+    weight = (torch.randn(vocab, hidden_size, generator=g) * 0.02).to(device, dtype).requires_grad_()
+    bias = torch.zeros(vocab, device=device, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, vocab, (rows,), generator=g).to(device)
     return {"params": [hidden, weight, bias], "feats": (hidden, weight, bias, labels)}
 
 
@@ -186,32 +206,49 @@ def autocast_bf16(fn, device):
     return run
 
 
-def itc_impls(args, device):
-    from gritvlp.kernels import reference
+def itc_loss(backend):
+    """The scalar a training step backpropagates: the kernel's ITC terms weighted by the objective's ITA
+    (gritvlp.objectives.itc.ita) at the default consistency weight, so the backward of every term is timed."""
+    from gritvlp import kernels
+    from gritvlp.config import ObjectivesConfig
+    from gritvlp.objectives.itc import ita
 
-    impls = {"eager": autocast_bf16(reference.itc_loss, device)}
+    cfg = ObjectivesConfig()
+
+    def loss(image_feat, text_feat, temp, **kwargs):
+        terms = kernels.itc_terms(image_feat, text_feat, temp, backend=backend, **kwargs)
+        return ita(terms, cfg.consistency_weight, cfg.itc_smoothing)
+
+    return loss
+
+
+def lm_loss(backend):
+    """The masked-LM loss on rows that are all labelled, as the training step hands them over (ignore_index=None)."""
+    from gritvlp import kernels
+
+    def loss(hidden, weight, bias, labels):
+        return kernels.lm_loss(hidden, weight, bias, labels, backend=backend, ignore_index=None)
+
+    return loss
+
+
+def itc_impls(args, device, fused):
+    impls = {"eager": autocast_bf16(itc_loss("reference"), device)}
     if device.type == "cuda":
-        from gritvlp.kernels import itc
-
-        impls["eager_fp32"] = reference.itc_loss
-        impls["fused"] = itc.itc_loss
+        impls["eager_fp32"] = itc_loss("reference")
+    if fused:
+        impls["fused"] = itc_loss("triton")
     if not args.skip_compile:
-        impls["compile"] = autocast_bf16(torch.compile(reference.itc_loss), device)
+        impls["compile"] = autocast_bf16(torch.compile(itc_loss("reference")), device)
     return impls
 
 
-def lm_impls(args, device):
-    from gritvlp.kernels import reference
-
-    def compacted(fn):  # every row labelled, as the training step hands them over
-        return lambda hidden, weight, bias, labels: fn(hidden, weight, bias, labels, ignore_index=None)
-
-    impls = {"eager": autocast_bf16(compacted(reference.lm_loss), device)}
-    if device.type == "cuda":
-        fused = importlib.import_module("gritvlp.kernels.lm_loss")  # the package's `lm_loss` is the dispatch function
-        impls["fused"] = compacted(fused.lm_loss)
+def lm_impls(args, device, fused):
+    impls = {"eager": autocast_bf16(lm_loss("reference"), device)}
+    if fused:
+        impls["fused"] = lm_loss("triton")
     if not args.skip_compile:
-        impls["compile"] = autocast_bf16(compacted(torch.compile(reference.lm_loss)), device)
+        impls["compile"] = autocast_bf16(torch.compile(lm_loss("reference")), device)
     if device.type == "cuda" and not args.no_liger:
         impls.update(_peer_lm_losses())
     return impls
@@ -239,9 +276,20 @@ def _peer_lm_losses() -> dict:
 
 
 # -- running and reporting --------------------------------------------------------------------------------------------
-def run_suite(name, cases, impls, make_inputs, call, args, device, dtype, on_row):
+def suite_plan(cases, impls, interpreted_cases, interpreted):
+    """(case, implementations) pairs: under the CPU interpreter the fused kernel runs on the tiny shapes only."""
+    if not interpreted:
+        return [(case, impls) for case in cases]
+    unfused = {name: fn for name, fn in impls.items() if name != "fused"}
+    return [(case, impls) for case in interpreted_cases] + [(case, unfused) for case in cases]
+
+
+def run_suite(name, plan, make_inputs, call, args, device, dtype, on_row):
     rows = []
-    for case in cases:
+    for case, impls in plan:
+        # compiled code per shape, as a training run has: the guards of earlier shapes would otherwise reach the
+        # recompile limit, after which torch.compile runs the function eagerly
+        torch.compiler.reset()
         inputs = make_inputs(case, dtype, device)
         results = {}
         for impl_name, fn in impls.items():
@@ -262,17 +310,10 @@ def run_suite(name, cases, impls, make_inputs, call, args, device, dtype, on_row
                     traceback.print_exc()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        rows.append({"shape": _shape_dict(name, case), "results": results, "ratios": _ratios(results)})
+        rows.append({"shape": dict(case), "results": results, "ratios": _ratios(results)})
         _print_row(name, rows[-1])
         on_row(rows)
     return rows
-
-
-def _shape_dict(name, case):
-    if name == "itc":
-        b, n, kwargs = case
-        return {"B": b, "N": n, "D": DIM, **kwargs}
-    return {"labelled_rows": case, "V": VOCAB, "H": HIDDEN}
 
 
 def _ratios(results):
@@ -327,7 +368,8 @@ def environment(device) -> dict:
 
 
 def autotuned_configs() -> dict:
-    """The config each fused ITC kernel's autotuner picked, per key it saw (CUDA only)."""
+    """The config each fused ITC kernel's autotuner picked, per key it saw (under the CPU interpreter its one
+    config: read there too, so that a renamed kernel fails on CPU rather than on the GPU)."""
     try:
         from gritvlp.kernels import itc
     except ImportError:
@@ -364,6 +406,9 @@ def main(argv=None):
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
+    if not cuda:  # Triton decides at kernel definition: before gritvlp.kernels is imported
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    interpreted = not cuda and os.environ["TRITON_INTERPRET"] == "1"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if cuda else "fp32")
     ]
@@ -371,18 +416,23 @@ def main(argv=None):
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     out_path = args.out or ROOT / "benchmarks" / f"kernels_{device.type}.json"
 
-    note = (
-        "CUDA: fused Triton kernels vs the PyTorch reference under bf16 autocast"
-        if cuda
-        else "CPU machine: the fused Triton kernels need CUDA, so only the PyTorch reference ran "
-        "(eager" + ("" if args.skip_compile else " and torch.compile") + "); no fused figures here"
-    )
+    reference = "eager" + ("" if args.skip_compile else " and torch.compile")
+    if cuda:
+        note = "CUDA: fused Triton kernels vs the PyTorch reference under bf16 autocast"
+    elif interpreted:
+        note = (
+            f"CPU machine: the PyTorch reference ({reference}) at every shape; the fused Triton kernels only through "
+            "the Triton interpreter, at the tiny shapes (D = 32, V = 64), where their times measure the interpreter"
+        )
+    else:
+        note = f"CPU machine without TRITON_INTERPRET=1: only the PyTorch reference ran ({reference}); no fused figures"
     report = {
         **environment(device),
         "dtype": str(dtype).replace("torch.", ""),
         "quick": args.quick,
         "reps": args.reps,
         "fused_ran": cuda,
+        "fused_interpreted": interpreted,
         "note": note,
         "metrics": "median ms over reps; peak_mib of one forward+backward beyond the inputs; ratios vs eager",
         "itc": [],
@@ -394,18 +444,21 @@ def main(argv=None):
     def write(suite):
         def on_row(rows):
             report[suite] = rows
-            report["autotuned"] = autotuned_configs() if cuda else {}
+            report["autotuned"] = autotuned_configs() if cuda or interpreted else {}
             out_path.parent.mkdir(parents=True, exist_ok=True)
             out_path.write_text(json.dumps(report, indent=2) + "\n")
 
         return on_row
 
+    fused = cuda or interpreted
     if args.only in (None, "itc"):
-        cases = QUICK_ITC if args.quick else FULL_ITC
-        run_suite("itc", cases, itc_impls(args, device), itc_inputs, itc_call, args, device, dtype, write("itc"))
+        impls = itc_impls(args, device, fused)
+        plan = suite_plan(QUICK_ITC if args.quick else FULL_ITC, impls, INTERPRETED_ITC, interpreted)
+        run_suite("itc", plan, itc_inputs, itc_call, args, device, dtype, write("itc"))
     if args.only in (None, "lm"):
-        cases = QUICK_LM if args.quick else FULL_LM
-        run_suite("lm", cases, lm_impls(args, device), lm_inputs, lm_call, args, device, dtype, write("lm"))
+        impls = lm_impls(args, device, fused)
+        plan = suite_plan(QUICK_LM if args.quick else FULL_LM, impls, INTERPRETED_LM, interpreted)
+        run_suite("lm", plan, lm_inputs, lm_call, args, device, dtype, write("lm"))
     print(f"wrote {out_path}")
 
 
