@@ -89,6 +89,8 @@ def parse_args(argv):
         parser.error("--object-vocab replaces --teacher: give one of them")
     if args.teacher is None and args.object_vocab is None and source != "caption":
         parser.error("--teacher or --object-vocab is required (only --attributes-from caption runs without either)")
+    if source == "teacher-tags" and args.teacher is None:
+        parser.error("--attributes-from teacher-tags needs --teacher (the tags are the teacher's classes)")
     if (args.teacher is None) != (args.weights is None):
         parser.error("--teacher and --weights go together")
     if (source == "caption") != (args.attribute_vocab is not None):

@@ -405,8 +405,10 @@ def test_precompute_attributes_from_teacher_tags(teacher_file, tmp_path):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--attributes-from", "teacher-tags", "--teacher-attributes", "m.json"], "--teacher is required"),
-        ([], "--teacher is required"),
+        (["--attributes-from", "teacher-tags", "--teacher-attributes", "m.json"], "--teacher or --object-vocab"),
+        ([], "--teacher or --object-vocab is required"),
+        (["--object-vocab", "o.txt", "--attributes-from", "teacher-tags", "--teacher-attributes", "m.json"],
+         "teacher-tags needs --teacher"),
         (["--teacher", "test_vit"], "--teacher and --weights go together"),
         (["--attributes-from", "caption", "--attribute-vocab", "v", "--weights", "w"], "--teacher and --weights"),
         (["--attributes-from", "caption"], "--attribute-vocab goes with"),
