@@ -5,6 +5,9 @@ BertForMaskedLM) or text_encoder.* (the BertModel of its retrieval and fine-tuni
 text_encoder.cls.predictions.* (the MLM head), vision_proj, text_proj, itm_head and a 0-dim temp. ALBEF adds
 momentum copies of the encoders and projections (*_m) and feature queues; GRIT-VLP's checkpoints have neither.
 Layers and fusion split must agree: ALBEF's BERT has cross-attention from layer 6 on, like vitb16_bert.
+
+ALBEF's and GRIT-VLP's code feeds its models "[CLS] words" without a trailing [SEP]: their weights imported here
+are read that way (model.text_format = "cls_only"); a model trained here reads "[CLS] words [SEP]" ("cls_sep").
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 log = logging.getLogger("gritvlp.albef")
 
 LAYOUTS = ("pretrain", "retrieval")
+TEXT_FORMAT = "cls_only"  # how ALBEF's and GRIT-VLP's code tokenises: no trailing [SEP]
 TEXT_PREFIX = {"pretrain": "text_encoder.bert.", "retrieval": "text_encoder."}
 MOMENTUM_MODULES = ("visual_encoder", "vision_proj", "text_encoder", "text_proj")
 QUEUE_BUFFERS = ("image_queue", "text_queue", "idx_queue", "queue_ptr")
@@ -171,7 +175,8 @@ def gritvlp_to_albef(
         for name, value in weights.items()
         if layout == "pretrain" or not name.startswith("mlm_head.")  # ALBEF's retrieval model has no MLM head
     }
-    online["temp"] = weights["temp"].reshape(())
+    # ALBEF's retrieval and fine-tuning models use temp unclamped: write the value this model uses
+    online["temp"] = weights["temp"].clamp(model.config.temp_min, model.config.temp_max).reshape(())
     max_positions = weights["text.embeddings.position_embeddings.weight"].shape[0]
     online[TEXT_PREFIX[layout] + "embeddings.position_ids"] = torch.arange(max_positions)[None]
     if layout == "pretrain":
@@ -204,6 +209,12 @@ def save_albef_checkpoint(
     model, path: str | Path, layout: str = "pretrain", queue_size: int = DEFAULT_QUEUE_SIZE
 ) -> Path:
     """Writes {'model': state dict} as ALBEF's and GRIT-VLP's scripts read it (checkpoint['model'])."""
+    if model.config.text_format != TEXT_FORMAT:
+        log.warning(
+            "%s: the model reads captions as '[CLS] words [SEP]' (model.text_format=%s), but ALBEF's and GRIT-VLP's "
+            "code tokenises without [SEP]: its text features there will differ from gritvlp's", path,
+            model.config.text_format,
+        )  # fmt: skip
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = gritvlp_to_albef(model, layout, queue_size)
@@ -216,17 +227,18 @@ def save_albef_checkpoint(
 
 
 def write_export_folder(model, out_dir: str | Path) -> Path:
-    """Writes the model as gritvlp.export does (config.json, fp16 model.safetensors, tokenizer), so that
-    GritVLP.from_pretrained(out_dir) loads it."""
+    """Writes the model as gritvlp.export does (config.json with its text format, fp16 model.safetensors with the
+    temperature it uses, tokenizer), so that GritVLP.from_pretrained(out_dir) loads it."""
     from safetensors.torch import save_file
 
     from gritvlp.data.text import load_tokenizer
-    from gritvlp.export import WEIGHTS_NAME, to_fp16
+    from gritvlp.export import WEIGHTS_NAME, effective_temperature, to_fp16
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = to_fp16({k: v.detach().cpu() for k, v in model.state_dict().items()})
-    save_file(weights, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(model.config_dict(), indent=2))
-    load_tokenizer(model.config.tokenizer).save_pretrained(str(out_dir))
+    config = model.config_dict()
+    weights = effective_temperature({k: v.detach().cpu() for k, v in model.state_dict().items()}, config)
+    save_file(to_fp16(weights), str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    load_tokenizer(model.config.tokenizer, model.config.text_format).save_pretrained(str(out_dir))
     return out_dir

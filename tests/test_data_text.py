@@ -1,3 +1,4 @@
+import pickle
 import shutil
 
 import pytest
@@ -54,3 +55,17 @@ def test_collator_all_skipped(tokenizer):
     batch = Collator(tokenizer)([None, None])
     assert batch["num_skipped"] == 2 and batch["captions"] == []
     assert batch["image"].shape[0] == 0 and batch["input_ids"].shape[0] == 0 and batch["index"].numel() == 0
+
+
+def test_cls_only_tokenizer_writes_no_sep_and_keeps_a_word_more(tmp_path):
+    cls_only = load_tokenizer(text_format="cls_only")
+    batch = Collator(cls_only, max_tokens=6)([_sample("a red circle", 0), _sample("a b c d e f g h", 1)])
+    assert batch["input_ids"].tolist() == [[101, 1037, 2417, 4418, 0, 0], [101, 1037, 1038, 1039, 1040, 1041]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0], [1] * 6]
+    # the format survives pickling (DataLoader workers); a folder's tokenizer takes the format asked for
+    assert pickle.loads(pickle.dumps(cls_only))("a red circle")["input_ids"] == [101, 1037, 2417, 4418]
+    cls_only.save_pretrained(str(tmp_path))
+    assert load_tokenizer(str(tmp_path))("a red circle")["input_ids"] == [101, 1037, 2417, 4418, 102]
+    assert load_tokenizer(str(tmp_path), "cls_only")("a red circle")["input_ids"] == [101, 1037, 2417, 4418]
+    with pytest.raises(ValueError, match="text format must be one of"):
+        load_tokenizer(text_format="cls")

@@ -322,3 +322,59 @@ def test_itc_metrics_rank_by_similarity_alone():
     assert metrics["itc_txt_r1"] == 100.0  # every image's best caption is one of its own
     assert metrics["itc_img_r1"] == 75.0  # caption 2 ranks image 0 first
     assert metrics["itc_img_r5"] == 100.0
+
+
+# ---------------------------------------------------------------- runs that do not train ITM
+
+
+class NoITM(nn.Module):
+    """A model whose ITM head must not be asked."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def encode_image(self, images):
+        return self.model.encode_image(images)
+
+    def encode_text(self, input_ids, attention_mask):
+        return self.model.encode_text(input_ids, attention_mask)
+
+    def itm_logits(self, *args):
+        raise AssertionError("k_test 0 must not re-rank")
+
+
+def test_k_test_0_ranks_by_itc_alone(export, demo_test_split):
+    model = load_model(export)
+    data = eval_data.from_shards(demo_test_split, image_size=64, progress=False)
+    reranked = evaluate_retrieval(model, data, k_test=8, device="cpu", progress=False)
+    itc_only = evaluate_retrieval(NoITM(model), data, k_test=0, device="cpu", progress=False)
+    itc_keys = [k for k in itc_only if k.startswith("itc_")]
+    assert itc_only["k_test"] == 0 and len(itc_keys) == 9
+    for key in itc_keys:
+        assert itc_only[key] == itc_only[key[len("itc_") :]] == reranked[key]
+
+
+def test_pretraining_evaluation_without_itm_training_ranks_by_itc(export, demo_test_split, caplog):
+    from gritvlp.train.evaluation import EpochEvaluation
+
+    model = load_model(export)
+    tokenizer = load_model_tokenizer(export, model)
+    results = {}
+    for itm_weight in (0.0, 1.0):
+        cfg = load_config("demo", [f"eval.test_shards={demo_test_split}", f"objectives.itm_weight={itm_weight}",
+                                   "eval.k_test=8", "eval.zero_shot=false"])  # fmt: skip
+        with caplog.at_level("INFO", logger="gritvlp.train"):
+            caplog.clear()
+            evaluation = EpochEvaluation(cfg, tokenizer, torch.device("cpu"))
+            results[itm_weight] = [evaluation(model), evaluation(model)]
+        said = [r for r in caplog.records if "ranks by ITC alone" in r.getMessage()]
+        assert len(said) == (1 if itm_weight == 0 else 0)  # said once, at start-up
+    first, second = results[0.0]
+    for key, itc_key in (("r_mean", "itc_r_mean"), ("txt_r1", "itc_txt_r1"), ("best_r_mean", "best_itc_r_mean")):
+        assert first[key] == first[itc_key]
+    assert second["best_r_mean"] == max(first["r_mean"], second["r_mean"])
+    assert not any(k.startswith(("hard_itm", "best_hard_itm")) for k in first) and "hard_itc_all" in first
+    trained = results[1.0][0]
+    assert "hard_itm_all" in trained and trained["itc_r_mean"] == first["itc_r_mean"]

@@ -1,5 +1,7 @@
 """Retrieval fine-tuning: the objective's positives by image id, the export rebuilt at a new resolution, the
-annotation dataset, and a short run from an export (one process, plain python) that evaluates, exports and resumes."""
+annotation dataset, and a short run of each recipe from an export (one process, plain python) that evaluates,
+exports and resumes. The recipes' parts (queue, momentum encoder, soft targets, schedule) are tested in
+test_finetune_recipes.py."""
 
 import json
 import math
@@ -159,10 +161,11 @@ def test_annotation_captions_of_one_image_share_a_group_and_unreadable_images_ar
     assert data[5] is None
 
 
-def test_dataset_picks_albef_epochs_and_k_test_and_sources_are_checked():
+def test_dataset_picks_albef_epochs_and_sources_are_checked():
     coco = FinetuneConfig("export", train_shards="t", test_shards="s")
     flickr = FinetuneConfig("export", train_shards="t", test_shards="s", dataset="flickr30k")
-    assert (coco.epochs, coco.k_test, flickr.epochs, flickr.k_test) == (5, 256, 10, 128)
+    assert (coco.epochs, flickr.epochs) == (5, 10)
+    assert coco.k_test is None  # resolved against the test set: default_k_test
     assert (coco.image_size, coco.lr, coco.crop_scale, coco.itm_negatives) == (384, 1e-5, (0.5, 1.0), "sample")
     with pytest.raises(ValueError, match="exactly one of train"):
         FinetuneConfig("export", train_shards="t", train_ann="a.json", test_shards="s", image_root=".")
@@ -172,20 +175,29 @@ def test_dataset_picks_albef_epochs_and_k_test_and_sources_are_checked():
         FinetuneConfig("export", train_ann="train.json", test_ann="test.json", test_image_root=".")
 
 
-# ---------------------------------------------------------------- a short run
+# ---------------------------------------------------------------- a short run of each recipe
+
+# Per recipe: a queue smaller than the 32 samples of a run, so it wraps around; grit evaluates with the default
+# k_test (capped by the 12 test images), in-batch selects its best epoch by the ITC ranking.
+RECIPE_ARGS = {
+    "albef": ["--recipe", "albef", "--queue-size", "12", "--k-test", "8"],
+    "grit": ["--recipe", "grit", "--queue-size", "12"],
+    "in-batch": ["--recipe", "in-batch", "--k-test", "8", "--select", "itc"],
+}
 
 
-def finetune(out: Path, export: Path, data: tuple[str, str], ds: Path, *extra: str) -> None:
+def finetune(out: Path, export: Path, data: tuple[str, str], ds: Path, *extra: str) -> str:
+    """Runs the script; returns its console output."""
     train, test = data
     cmd = [
         sys.executable, "scripts/finetune_retrieval.py", "--deepspeed_config", str(ds), "--pretrained", str(export),
         "--train-shards", train, "--test-shards", test, "--hard-negative-shards", test, "--output_dir", str(out),
-        "--image-size", "80", "--no-hflip", "--randaug-n", "0", "--k-test", "8", "--num-workers", "0",
-        "--log-every", "1", *extra,
+        "--image-size", "80", "--no-hflip", "--randaug-n", "0", "--num-workers", "0", "--log-every", "1", *extra,
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     result = subprocess.run(cmd, cwd=REPO, env={**env, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, f"fine-tuning failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout + result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -199,35 +211,71 @@ def small_run(tmp_path_factory, export):
     return tmp, data, tmp / "ds.json"
 
 
-@pytest.fixture(scope="module")
-def run(small_run, export):
+@pytest.fixture(scope="module", params=list(RECIPE_ARGS))
+def run(request, small_run, export):
+    """(recipe, output folder, console output) of a whole run of 2 epochs."""
     tmp, data, ds = small_run
-    finetune(tmp / "run", export, data, ds, "--epochs", "2")
-    return tmp / "run"
+    out = tmp / f"run_{request.param}"
+    console = finetune(out, export, data, ds, "--epochs", "2", *RECIPE_ARGS[request.param])
+    return request.param, out, console
 
 
 def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_each_step_logs_finite_losses_and_each_epoch_an_evaluation(run):
-    rows = metrics(run)
-    losses = [(r["step"], r["loss/total"]) for r in rows if "loss/total" in r]
-    assert [step for step, _ in losses] == [1, 2, 3, 4]
-    assert all(math.isfinite(loss) and loss > 0 for _, loss in losses)
+def final_client_state(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "global_step4" / "mp_rank_00_model_states.pt", weights_only=False)
+
+
+def test_each_step_logs_finite_losses_and_each_epoch_both_rankings(run):
+    recipe, out, console = run
+    rows = metrics(out)
+    steps = [r for r in rows if "loss/total" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss/total"]) and r["loss/total"] > 0 for r in steps)
+    lrs = [r["train/lr"] for r in steps]
+    if recipe == "in-batch":  # cosine per optimiser step
+        assert lrs[0] == pytest.approx(1e-5) and lrs[0] > lrs[1] > lrs[2] > lrs[3]
+        assert "train/alpha" not in steps[0]
+    else:  # cosine per epoch: 1e-6 + 9e-6 (1 + cos(pi e / 2)) / 2 in epoch e
+        assert lrs == pytest.approx([1e-5, 1e-5, 5.5e-6, 5.5e-6])
+        alpha = 0.4 if recipe == "albef" else 0.0  # warmed up over epoch 0: x 0/2, 1/2; then whole
+        assert [r["train/alpha"] for r in steps] == pytest.approx([0.0, alpha / 2, alpha, alpha])
     evals = [r for r in rows if "eval/r_mean" in r]
     assert [r["step"] for r in evals] == [2, 4]
     for row in evals:
         assert 0 <= row["eval/r_mean"] <= 100 and 0 <= row["eval/hard_itm_colour"] <= 100
-        assert {"eval/txt_r1", "eval/img_r10", "eval/hard_itc_all"} <= set(row)
-    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+        assert {"eval/txt_r1", "eval/img_r10", "eval/hard_itc_all", "eval/itc_r_mean", "eval/itc_img_r1"} <= set(row)
+        assert row["eval/itc_mean_r1"] == pytest.approx((row["eval/itc_txt_r1"] + row["eval/itc_img_r1"]) / 2)
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    k_test = "1 re-ranked by itm (coco's value, at most 12.8% of the test images)" if recipe == "grit" else "8 re-ranked by itm (--k-test)"  # fmt: skip
+    selected = "eval/itc_r_mean" if recipe == "in-batch" else "eval/r_mean"
+    assert f"top {k_test}; the best epoch is selected by {selected}" in console
+
+
+def test_the_queue_and_momentum_encoder_are_checkpointed(run):
+    recipe, out, _ = run
+    state = final_client_state(out)
+    if recipe == "in-batch":
+        assert "queue" not in state and "momentum_encoder" not in state
+        return
+    queue = state["queue"]
+    assert int(queue["ptr"]) == 4 * 8 % 12  # 4 steps of 8 samples, wrapped around a queue of 12
+    assert queue["ids"].shape == (12,) and (queue["ids"] >= 0).all()  # every slot written over by now
+    momentum = state["momentum_encoder"]
+    assert momentum["encoder.text_proj.weight"].dtype == torch.float32
+    assert not any(".crossattention." in k or "itm_head" in k for k in momentum)
 
 
 def test_the_best_epoch_is_exported_and_loads(run, export):
+    recipe, run, _ = run
+    key = "eval/itc_r_mean" if recipe == "in-batch" else "eval/r_mean"
     evals = [r for r in metrics(run) if "eval/r_mean" in r]
     best = json.loads((run / "best.json").read_text())
-    best_epoch = max(range(2), key=lambda e: (evals[e]["eval/r_mean"], -e)) + 1  # ties keep the earlier epoch
-    assert best["epoch"] == best_epoch and best["eval/r_mean"] == evals[best_epoch - 1]["eval/r_mean"]
+    best_epoch = max(range(2), key=lambda e: (evals[e][key], -e)) + 1  # ties keep the earlier epoch
+    assert best["selected_by"] == key
+    assert best["epoch"] == best_epoch and best[key] == evals[best_epoch - 1][key]
     model = GritVLP.from_pretrained(run / BEST_EXPORT)
     start = load_pretrained_at_size(export, 80)
     assert model.config.image_size == 80 and model.vision.vit.pos_embed.shape == start.vision.vit.pos_embed.shape
@@ -238,12 +286,27 @@ def test_the_best_epoch_is_exported_and_loads(run, export):
 
 @pytest.mark.slow
 def test_a_run_stopped_after_an_epoch_and_resumed_logs_what_the_whole_run_logs(small_run, export, run):
+    """The queue and momentum encoder come back from the checkpoint: the resumed epoch's losses (which read the
+    queue) and the final queue and momentum weights are the whole run's."""
     tmp, data, ds = small_run
-    finetune(tmp / "resumed", export, data, ds, "--epochs", "2", "--max-steps", "2")
-    assert [r["step"] for r in metrics(tmp / "resumed") if "eval/r_mean" in r] == [2]
-    finetune(tmp / "resumed", export, data, ds, "--epochs", "2", "--resume", "latest")
-    resumed, whole = metrics(tmp / "resumed"), metrics(run)
+    recipe, whole_run, _ = run
+    args = ["--epochs", "2", *RECIPE_ARGS[recipe]]
+    resumed_run = tmp / f"resumed_{recipe}"
+    finetune(resumed_run, export, data, ds, *args, "--max-steps", "2")
+    assert [r["step"] for r in metrics(resumed_run) if "eval/r_mean" in r] == [2]
+    if recipe != "in-batch":
+        with pytest.raises(AssertionError, match="resume it with that setting"):
+            other = "grit" if recipe == "albef" else "albef"
+            finetune(resumed_run, export, data, ds, *args, "--recipe", other, "--resume", "latest")
+    finetune(resumed_run, export, data, ds, *args, "--resume", "latest")
+    resumed, whole = metrics(resumed_run), metrics(whole_run)
     assert len(resumed) == len(whole)
     for row, expected in zip(resumed, whole):  # approx compares flat mappings only
         assert row == pytest.approx(expected)
-    assert json.loads((tmp / "resumed" / "best.json").read_text()) == json.loads((run / "best.json").read_text())
+    assert json.loads((resumed_run / "best.json").read_text()) == json.loads((whole_run / "best.json").read_text())
+    if recipe != "in-batch":
+        for part in ("queue", "momentum_encoder"):
+            got, expected = final_client_state(resumed_run)[part], final_client_state(whole_run)[part]
+            assert got.keys() == expected.keys()
+            for key in expected:
+                torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=f"{part}.{key}")

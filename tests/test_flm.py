@@ -2,7 +2,9 @@
 against an explicit computation, training on a demo batch, config, export and the sync-free hot path."""
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -260,9 +262,21 @@ def test_reconstructor_layers_read_the_top_encoder_layers():
 
 
 def test_flm_preset():
+    """FLM's recipe where the trainer can express it (the YAML documents the rest)."""
     cfg = load_config("flm")
     assert cfg.objectives.text_objective == "flm" and cfg.objectives.itm_weight == 0 and cfg.objectives.itc_weight > 0
     assert cfg.model.reconstructor_layers == cfg.model.text_config.get("num_hidden_layers", 12)
+    assert cfg.objectives.flm_corruption_rate == 0 and cfg.data.max_tokens == 50
+    assert cfg.train.lr_multipliers == {"heads": 5.0, "fusion": 5.0, "reconstructor": 5.0}
+    assert (cfg.train.lr, cfg.train.lr_schedule, cfg.train.min_lr_ratio) == (8e-5, "linear", 0.0)
+    ds = json.loads((Path(__file__).parents[1] / "ds_configs" / "flm_zero2_b128.json").read_text())
+    assert ds["optimizer"]["params"]["betas"] == [0.9, 0.98] and ds["optimizer"]["params"]["weight_decay"] == 0.01
+    assert "gradient_clipping" not in ds
+
+
+def test_flm_outside_its_preset_builds_a_one_layer_reconstructor():
+    """A documented deviation from FLM's 12 layers (gritvlp.config.FLM_DEFAULT_RECONSTRUCTOR_LAYERS)."""
+    assert load_config("demo", ["objectives.text_objective=flm"]).model.reconstructor_layers == 1
 
 
 def test_the_reconstructor_is_exported_and_loaded(tmp_path):

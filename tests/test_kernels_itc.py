@@ -373,7 +373,7 @@ def test_dense_ids_keep_equality_in_int32():
 
 
 def hn_nce_by_formula(s, beta, alpha):
-    """DiHT HN-NCE with diagonal positives, written from METHOD.md section 3 (float64, explicit sums)."""
+    """DiHT HN-NCE with diagonal positives, written from docs/METHOD.md section 3 (float64, explicit sums)."""
     b = len(s)
     total = 0.0
     for i in range(b):

@@ -1,4 +1,4 @@
-"""GRIT-VLP's pre-training objective on the tiny model: losses against an independent computation of METHOD.md's
+"""GRIT-VLP's pre-training objective on the tiny model: losses against an independent computation of docs/METHOD.md's
 formulas, gradients, the host-drawn MLM inputs, ITM pairs."""
 
 import dataclasses
@@ -26,7 +26,7 @@ def tiny_objective(**objective_overrides):
 
 
 def independent_ita(img, txt, temp, w_cons=0.2):
-    """ITA of METHOD.md section 1, written out with explicit loops over rows."""
+    """ITA of docs/METHOD.md section 1, written out with explicit loops over rows."""
     s = img @ txt.T / temp
     n = s.shape[0]
     l_i2t = sum(-torch.log_softmax(s[i], 0)[i] for i in range(n)) / n

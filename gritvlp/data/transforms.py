@@ -7,7 +7,8 @@ that keep colours (colour words in captions stay true), ToTensor, Normalize with
 Speed: the crop is drawn before the JPEG is decoded, so the decoder skips the resolution the crop cannot use
 (libjpeg's DCT scaling by 1/2, 1/4 or 1/8, through PIL's `draft`). After decoding, the image stays a uint8 tensor:
 the crop is a view, the resize is torch's uint8 bicubic kernel (PIL's filter, several times faster than PIL's own),
-RandomAugment's operations are computed on the tensor as ALBEF computes them on its numpy array, and the float
+RandomAugment's operations are computed on the tensor as ALBEF computes them on its numpy array (except where ALBEF's
+uint8 arithmetic overflows: AutoContrast and Sharpness compute what PIL computes, see their functions), and the float
 tensor is written once, already normalised.
 """
 
@@ -164,7 +165,10 @@ def _apply_tables(pixels: torch.Tensor, tables: np.ndarray) -> torch.Tensor:
 
 
 def _autocontrast_table(channel: np.ndarray) -> np.ndarray:
-    """Stretch [min, max] to [0, 255] (PIL's autocontrast without cutoff, as ALBEF computes it)."""
+    """Stretch [min, max] to [0, 255]: PIL's autocontrast without cutoff, which ALBEF's autocontrast_func means to
+    reproduce. Not ALBEF's result: its offset -low * scale negates a uint8 `low`, which wraps to 256 - low
+    (salesforce/ALBEF issue 134), so every non-constant channel whose minimum is above 0 comes out 255 throughout; only
+    channels that already reach 0 are stretched. Here `low` is a Python int, as PIL computes it."""
     low, high = int(channel.min()), int(channel.max())
     if high <= low:
         return np.arange(256, dtype=np.uint8)

@@ -36,7 +36,9 @@ def encode_images(model, images: Dataset, device, batch_size: int = 64, num_work
 
 
 def tokenize(tokenizer, captions: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """All captions padded to the longest one, as the training collator tokenises."""
+    """All captions padded to the longest one, as the training collator tokenises. The tokenizer decides the text
+    format: give the model's (gritvlp.eval.loading.load_model_tokenizer), which writes what the model was trained on
+    (with or without the trailing [SEP], model.text_format)."""
     tokens = tokenizer(captions, padding="longest", truncation=True, max_length=max_tokens, return_tensors="pt")
     return tokens["input_ids"].long(), tokens["attention_mask"].long()
 

@@ -174,7 +174,7 @@ def evaluate_hard_negatives(
     if tokenizer is None:
         from gritvlp.data.text import load_tokenizer
 
-        tokenizer = load_tokenizer(model.config.tokenizer)
+        tokenizer = load_tokenizer(model.config.tokenizer, model.config.text_format)
     items = hard_negative_set(data, image_size or model.config.image_size) if isinstance(data, str) else data
     captions, pairs, compared = comparisons(items)
     was_training = model.training

@@ -27,13 +27,14 @@ def load_model(path: str | Path, device="cpu", dtype: torch.dtype = torch.float3
 
 
 def load_model_tokenizer(path: str | Path, model):
-    """The tokenizer saved beside an export, else the one the model's config names."""
+    """The tokenizer saved beside an export, else the one the model's config names, writing captions in the model's
+    text format (model.text_format: with or without the trailing [SEP])."""
     from gritvlp.data.text import load_tokenizer
 
-    folder = Path(path)
+    folder, text_format = Path(path), model.config.text_format
     if is_export_folder(folder) and ((folder / "tokenizer.json").is_file() or (folder / "vocab.txt").is_file()):
-        return load_tokenizer(str(folder))
-    return load_tokenizer(model.config.tokenizer)
+        return load_tokenizer(str(folder), text_format)
+    return load_tokenizer(model.config.tokenizer, text_format)
 
 
 def setup_distributed(device_arg: str | None) -> torch.device:

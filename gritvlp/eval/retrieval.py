@@ -6,7 +6,8 @@
    logit, every other candidate -100 (ALBEF's score matrices). rerank_score="itm+itc" adds the candidate's
    cosine similarity to the logit (BLIP's protocol), so a matching head that has not learned yet leaves the
    ITC order as it is instead of scrambling it.
-3. Recall@1/5/10 both ways (gritvlp.eval.metrics).
+3. Recall@1/5/10 both ways (gritvlp.eval.metrics). k_test = 0 skips step 2: the ITC ranking is the result, for a
+   model whose ITM head was not trained.
 
 Under torch.distributed every rank encodes the whole set, re-ranks a contiguous slice of the queries, and
 the slices are summed into the full result on every rank. Each rank runs the same number of ITM batches,
@@ -28,8 +29,17 @@ from .features import EncodedSet, encode_set
 from .metrics import positive_ranks, recalls, retrieval_metrics
 
 ALBEF_K_TEST = {"coco": 256, "flickr30k": 128}
+# The largest share of a test set ALBEF re-ranks: 128 of Flickr30k's 1,000 images (COCO: 256 of 5,000)
+MAX_K_TEST_SHARE = (128, 1000)
 RERANK_SCORES = ("itm", "itm+itc")
 NOT_IN_TOP_K = -100.0
+
+
+def default_k_test(dataset: str, num_images: int) -> int:
+    """The dataset's k_test, but never more than ALBEF's largest share of the test images (12.8%): on a small test
+    set (the demo's 423 images) a top 256 would be most of the set, left to the ITM head alone to order."""
+    share, of = MAX_K_TEST_SHARE
+    return max(1, min(ALBEF_K_TEST[dataset], num_images * share // of))
 
 
 @dataclass
@@ -183,12 +193,13 @@ def evaluate_retrieval(
     model: a GritVLP (or anything with encode_image, encode_text, itm_logits) already on device.
     data: a RetrievalSet, a caption dataset such as ShardDataset's test split, or a DataLoader over one.
     rerank_score: "itm" (ALBEF) or "itm+itc" (BLIP), see the module docstring; the ITC ranking alone is
-    reported too (itc_*). tokenizer: defaults to the model config's. Every rank of an initialised process group must call this.
+    reported too (itc_*). k_test = 0: no re-ranking, the re-ranked keys hold the ITC ranking's figures.
+    tokenizer: defaults to the model config's. Every rank of an initialised process group must call this.
     """
     if tokenizer is None:
         from gritvlp.data.text import load_tokenizer
 
-        tokenizer = load_tokenizer(model.config.tokenizer)
+        tokenizer = load_tokenizer(model.config.tokenizer, model.config.text_format)
     rank, _ = _world()
     show = progress and rank == 0
     data = as_retrieval_set(data, num_workers, show)
@@ -199,13 +210,17 @@ def evaluate_retrieval(
             model, data, tokenizer, device, batch_size=batch_size, text_batch_size=text_batch_size,
             max_tokens=max_tokens, num_workers=num_workers, progress=show,
         )  # fmt: skip
-        score_i2t, score_t2i = score_matrices(
-            model, encoded, k_test, itm_batch_size=itm_batch_size, progress=show, rerank_score=rerank_score
-        )
+        if k_test > 0:
+            score_i2t, score_t2i = score_matrices(
+                model, encoded, k_test, itm_batch_size=itm_batch_size, progress=show, rerank_score=rerank_score
+            )
     finally:
         model.train(was_training)
-    result = retrieval_metrics(score_i2t, score_t2i, data.txt2img)
-    result.update(itc_metrics(encoded, data.txt2img))
+    itc = itc_metrics(encoded, data.txt2img)
+    if k_test > 0:
+        result = {**retrieval_metrics(score_i2t, score_t2i, data.txt2img), **itc}
+    else:
+        result = {**{key[len("itc_") :]: value for key, value in itc.items()}, **itc}
     return {**result, "num_images": data.num_images, "num_captions": len(data.captions), "k_test": k_test}
 
 

@@ -117,7 +117,7 @@ def evaluate_zeroshot(model, data: ClassificationSet, device, tokenizer=None, *,
     if tokenizer is None:
         from gritvlp.data.text import load_tokenizer
 
-        tokenizer = load_tokenizer(model.config.tokenizer)
+        tokenizer = load_tokenizer(model.config.tokenizer, model.config.text_format)
     rank, world_size = _world()
     rows = slice(rank * len(data.labels) // world_size, (rank + 1) * len(data.labels) // world_size)
     was_training = model.training

@@ -9,10 +9,11 @@ class _BoundedTemperature(torch.autograd.Function):
     """Forward: the parameter clamped to [low, high]. Backward: the gradient passes while the parameter is within
     the bounds, and beyond a bound only when a descent step (parameter -= lr * grad) brings it back.
 
-    A clamp in the graph has zero gradient at and beyond a bound, so a temperature that reaches 0.001 stays there
-    for good; clamping the parameter in place (ALBEF) does not reach the fp32 master copy that ZeRO's optimizer
-    updates. Here the value used is always within the bounds, the parameter strays at most a few optimizer steps
-    beyond one, and any gradient pointing back inside moves it.
+    A clamp in the graph has zero gradient beyond a bound, so a parameter past one could never come back. Training
+    also clamps the stored value in place after every optimizer step, as ALBEF does at every forward
+    (gritvlp.train.step.clamp_stored, the optimizer's fp32 master copy included). A low-precision copy may still sit
+    just past a bound (bf16's nearest value to 0.001 is 0.00099945), and weights trained without that clamp far past
+    one: the gradient pointing back inside still moves them.
     """
 
     @staticmethod

@@ -65,12 +65,28 @@ def top2_negatives(
     return torch.stack(first), torch.stack(second)
 
 
-class ConnectionMiner:
-    """Holds the frozen filter model outside the trained module tree (never trained, checkpointed or exported)."""
+def without_last_token(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The [B, L] mask with each caption's last token (the [SEP] of a cls_sep caption) masked out: every other
+    position then reads what it would without that token."""
+    last = attention_mask.sum(1, keepdim=True) - 1
+    return attention_mask.scatter(1, last, 0)
 
-    def __init__(self, filter_model, low: float = 0.5, high: float = 0.8):
+
+class ConnectionMiner:
+    """Holds the frozen filter model outside the trained module tree (never trained, checkpointed or exported).
+
+    batch_format: the text format of the batches it judges (the trained model's model.text_format); None: the
+    filter's own. A filter imported from ALBEF / GRIT-VLP reads captions without [SEP] (cls_only): in cls_sep
+    batches each caption's [SEP] is then hidden from it by the attention mask."""
+
+    def __init__(self, filter_model, low: float = 0.5, high: float = 0.8, batch_format: str | None = None):
         if not 0 <= low <= high <= 1:
             raise ValueError(f"mining thresholds need 0 <= low <= high <= 1, got {low} and {high}")
+        filter_format = filter_model.config.text_format
+        self.hide_sep = batch_format not in (None, filter_format)
+        if self.hide_sep and filter_format != "cls_only":
+            raise ValueError(f"the mining filter model reads captions as {filter_format}, which batches of "
+                             f"{batch_format} cannot give it: use a filter of the model's text format")  # fmt: skip
         filter_model.requires_grad_(False).eval()
         self._filter = [filter_model]
         self.low, self.high = low, high
@@ -88,6 +104,8 @@ class ConnectionMiner:
         size = model.config.image_size
         if images.shape[-1] != size or images.shape[-2] != size:
             images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False)
+        if self.hide_sep:
+            attention_mask = without_last_token(attention_mask)
         image_tokens, _ = model.encode_image(images)
         text_hidden, _ = model.encode_text(input_ids, attention_mask)
         logits = model.itm_logits(image_tokens[image_rows], text_hidden[text_rows], attention_mask[text_rows])
@@ -125,7 +143,7 @@ def load_filter_model(path: str | Path, image_size: int, albef_preset: str = "vi
         from gritvlp.config import load_config
 
         model_cfg = dataclasses.replace(load_config(albef_preset).model, image_size=image_size, vision_weights=None,
-                                        text_weights=None)  # fmt: skip
+                                        text_weights=None, text_format=albef.TEXT_FORMAT)  # fmt: skip
         model = GritVLP(model_cfg)
         albef.load_albef_weights(model, path, allow_missing=("mlm_head.",))
     else:

@@ -54,7 +54,7 @@ class PretrainingObjective(nn.Module):
         self.smoothing = config.itc_smoothing if config.itc_smoothing_start_epoch == 0 else 0.0  # see set_step
         if miner is None and config.mining_filter:
             filter_model = load_filter_model(config.mining_filter, model.config.image_size)
-            miner = ConnectionMiner(filter_model, config.mining_low, config.mining_high)
+            miner = ConnectionMiner(filter_model, config.mining_low, config.mining_high, model.config.text_format)
         self.miner = miner
         if miner is not None:
             self._check_filter(miner.filter)

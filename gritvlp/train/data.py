@@ -68,7 +68,7 @@ def training_dataset(cfg: Config) -> ShardDataset:
 
 
 def tokenizer_and_special_tokens(cfg: Config):
-    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.text_format)
     special = {
         "pad": tokenizer.pad_token_id,
         "cls": tokenizer.cls_token_id,

@@ -13,7 +13,7 @@ from torch.optim.lr_scheduler import LambdaLR
 log = logging.getLogger("gritvlp.train")
 
 # Keys of ds_config that gritvlp's own config owns; setting them there would be silently ignored.
-_OWNED_ELSEWHERE = {"scheduler": "the schedule is set by train.warmup_steps / train.min_lr_ratio"}
+_OWNED_ELSEWHERE = {"scheduler": "the schedule is set by train.lr_schedule, warmup_steps and min_lr_ratio"}
 
 
 def load_ds_config(path: str | Path, use_cuda: bool, lr: float | None = None) -> dict:
@@ -60,25 +60,77 @@ def precision_dtype(ds_config: dict) -> torch.dtype:
     return torch.float32
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weight matrices only: none on biases, norms, embeddings' LayerNorm, temperature."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
+# Parameter groups a learning-rate multiplier can address (train.lr_multipliers); everything else is "base".
+LR_GROUPS = ("heads", "fusion", "reconstructor")
+_HEADS = ("itm_head", "mlm_head", "vision_proj", "text_proj", "concept_head", "attribute_head")
+
+
+def lr_group(name: str, fusion_layers: set[int]) -> str:
+    """The group of a parameter name: the heads (ITM, MLM, the ITC projections, the concept heads), the fusion
+    (cross-modal) layers, the FLM reconstructor, or base (the image and text encoders, temperature)."""
+    parts = name.split(".")
+    parts = parts[1:] if parts[0] == "model" else parts  # the objective wraps the model as `model`
+    if parts[0] == "reconstructor":
+        return "reconstructor"
+    if parts[0] in _HEADS:
+        return "heads"
+    if parts[:3] == ["text", "encoder", "layer"] and int(parts[3]) in fusion_layers:
+        return "fusion"
+    return "base"
+
+
+def _fusion_layers(names: list[str]) -> set[int]:
+    """Indices of the BERT layers with cross-attention (the fusion layers)."""
+    layers = set()
+    for name in names:
+        parts = name.split(".")
+        parts = parts[1:] if parts[0] == "model" else parts
+        if parts[:3] == ["text", "encoder", "layer"] and "crossattention" in parts:
+            layers.add(int(parts[3]))
+    return layers
+
+
+def parameter_groups(
+    model: torch.nn.Module, weight_decay: float, lr: float | None = None, multipliers: dict | None = None
+) -> list[dict]:
+    """Weight decay on weight matrices only: none on biases, norms, embeddings' LayerNorm, temperature. With
+    multipliers ({group of LR_GROUPS: factor}), the groups' parameters train at factor x lr (the schedule scales
+    every group alike); the first group is always the base rate's, the one logged as train/lr."""
+    multipliers = {k: v for k, v in (multipliers or {}).items() if v != 1}
+    if multipliers and lr is None:
+        raise ValueError("learning-rate multipliers need the optimizer's lr")
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    fusion = _fusion_layers([name for name, _ in trainable])
+    groups: dict[tuple[str, bool], list] = {}
+    for name, param in trainable:
+        no_decay = param.ndim < 2 or "norm" in name.lower() or name.endswith((".bias", "temp"))
+        group = lr_group(name, fusion)
+        groups.setdefault((group if group in multipliers else "base", no_decay), []).append(param)
+    order = [("base", False), ("base", True)] + [(g, d) for g in LR_GROUPS for d in (False, True)]
+    out = []
+    for group, no_decay in order:
+        params = groups.get((group, no_decay))
+        if not params and group != "base":
             continue
-        if param.ndim < 2 or "norm" in name.lower() or name.endswith((".bias", "temp")):
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        entry = {"params": params or [], "weight_decay": 0.0 if no_decay else weight_decay}
+        if group != "base":
+            entry["lr"] = lr * multipliers[group]
+        out.append(entry)
+    return out
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int, start_ratio: float, min_ratio: float):
     """Multiplier of the base lr: linear warm-up from start_ratio to 1, then cosine decay to min_ratio.
     GRIT-VLP / ALBEF: lr 1e-4, warm-up from 1e-5 (start_ratio 0.1), cosine to 1e-5 (min_ratio 0.1)."""
+    return _with_warmup(total_steps, warmup_steps, start_ratio, min_ratio, lambda t: 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def linear_with_warmup(total_steps: int, warmup_steps: int, start_ratio: float, min_ratio: float):
+    """Multiplier of the base lr: linear warm-up from start_ratio to 1, then linear decay to min_ratio (FLM: to 0)."""
+    return _with_warmup(total_steps, warmup_steps, start_ratio, min_ratio, lambda t: 1 - t)
+
+
+def _with_warmup(total_steps: int, warmup_steps: int, start_ratio: float, min_ratio: float, decay):
     total_steps = max(1, total_steps)
     warmup_steps = min(warmup_steps, total_steps)
 
@@ -86,23 +138,39 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int, start_ratio: float, 
         if step < warmup_steps:
             return start_ratio + (1 - start_ratio) * (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return min_ratio + (1 - min_ratio) * decay(min(1.0, progress))
 
     return factor
 
 
-def build_engine(module, ds_config: dict, total_steps: int, warmup_steps: int, start_ratio: float, min_ratio: float):
-    """The DeepSpeed engine of `module` (the pre-training objective), its optimizer's parameter groups and the
-    learning-rate schedule."""
+LR_SCHEDULES = {"cosine": cosine_with_warmup, "linear": linear_with_warmup}
+
+
+def epoch_cosine(steps_per_epoch: int, epochs: int, min_ratio: float):
+    """Multiplier of the base lr, constant within an epoch: min_ratio + (1 - min_ratio) (1 + cos(pi e / E)) / 2 in
+    epoch e of E. ALBEF's and GRIT-VLP's fine-tuning schedule (timm's CosineLRScheduler stepped once per epoch; its
+    one-epoch warm-up starts at the base lr, so it changes nothing)."""
+    steps_per_epoch, epochs = max(1, steps_per_epoch), max(1, epochs)
+
+    def factor(step: int) -> float:
+        epoch = min(step // steps_per_epoch, epochs - 1)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+
+    return factor
+
+
+def build_engine(module, ds_config: dict, schedule, lr_multipliers: dict | None = None):
+    """The DeepSpeed engine of `module` (the objective), its optimizer's parameter groups and the learning-rate
+    schedule: `schedule(step)` multiplies every group's rate at optimiser step `step`."""
     import deepspeed
 
     if "optimizer" not in ds_config:
         raise ValueError("DeepSpeed config needs an 'optimizer' block (type AdamW, lr, weight_decay)")
-    weight_decay = ds_config["optimizer"].get("params", {}).get("weight_decay", 0.0)
-    schedule = cosine_with_warmup(total_steps, warmup_steps, start_ratio, min_ratio)
+    params = ds_config["optimizer"].get("params", {})
+    groups = parameter_groups(module, params.get("weight_decay", 0.0), params.get("lr"), lr_multipliers)
     engine, _, _, _ = deepspeed.initialize(
         model=module,
-        model_parameters=parameter_groups(module, weight_decay),
+        model_parameters=groups,
         config=ds_config,
         lr_scheduler=lambda opt: LambdaLR(opt, schedule),
     )

@@ -1,6 +1,11 @@
 """Evaluation during pre-training: zero-shot retrieval on a held-out set every `eval.every_epochs` epochs (and, when
 training on the demo set, its hard-negative accuracy and zero-shot classification by shape, colour and size), with the
-best value so far."""
+best value so far.
+
+A run that does not train ITM (objectives.itm_weight 0: the flm and diht presets) ranks by ITC alone: its ITM head
+is as initialised, so a re-ranking by it would measure nothing. The re-ranked keys (r_mean, txt_r1, ...) then hold the
+ITC ranking's figures (equal to itc_*, so best_r_mean follows it), and the demo's hard_itm_* accuracies, which the
+same head scores, are not logged."""
 
 from __future__ import annotations
 
@@ -30,6 +35,10 @@ class EpochEvaluation:
             self.retrieval = self._test_set(pattern)
         self.best: dict[str, float] = {}
         self.zero_shot_sets = None
+        self.itm_trained = cfg.objectives.itm_weight > 0
+        if self.enabled and not self.itm_trained and is_main():
+            log.info("objectives.itm_weight is 0: the ITM head is not trained, so evaluation ranks by ITC alone "
+                     "(eval/r_mean and the other re-ranked figures equal eval/itc_*; no eval/hard_itm_*)")  # fmt: skip
 
     def _test_set(self, pattern: str) -> RetrievalSet:
         # rank 0 first: it builds (and caches) the test shards' index, so ranks do not race writing it
@@ -52,7 +61,7 @@ class EpochEvaluation:
         """Every rank must call this (the re-ranking is split across ranks). Returns the metrics and, for each
         one, its best so far under 'best_<name>'."""
         metrics = evaluate_retrieval(
-            model, self.retrieval, self.cfg.eval.k_test, self.device, self.tokenizer,
+            model, self.retrieval, self.cfg.eval.k_test if self.itm_trained else 0, self.device, self.tokenizer,
             batch_size=self.cfg.eval.batch_size, max_tokens=self.cfg.data.max_tokens, progress=is_main(),
             rerank_score=self.cfg.eval.rerank_score,
         )  # fmt: skip
@@ -69,7 +78,8 @@ class EpochEvaluation:
         from gritvlp.eval.hard_negatives import evaluate_hard_negatives
 
         result = evaluate_hard_negatives(model, self.test_pattern, self.device, self.tokenizer)
-        return {f"hard_{scorer}_{kind}": float(acc) for scorer, by_kind in result.items() if scorer in ("itm", "itc")
+        scorers = ("itm", "itc") if self.itm_trained else ("itc",)
+        return {f"hard_{scorer}_{kind}": float(acc) for scorer, by_kind in result.items() if scorer in scorers
                 for kind, acc in by_kind.items()}  # fmt: skip
 
     def _zero_shot(self, model) -> dict[str, float]:

@@ -51,7 +51,8 @@ class Monitor:
 
     def log_train(self, step: int, terms: dict[str, float], **extra: float) -> None:
         """terms: the objective's scalars averaged over ranks (loss, itc, ..., sim_itm_neg); extra: lr, grad_norm,
-        samples_per_s, step_time_s, skipped_samples."""
+        samples_per_s, step_time_s, skipped_samples and, when known, data_wait_s, tflops and mfu (see
+        Trainer.log_step)."""
         scalars = {f"loss/{k}": terms[k] for k in LOSS_TERMS if k in terms}
         scalars["loss/total"] = terms["loss"]
         scalars.update({f"train/{k}": terms[k] for k in TRAIN_METRICS if k in terms})
@@ -62,6 +63,7 @@ class Monitor:
                 scalars[f"train/{name}"] = extra[name]
         scalars["perf/samples_per_s"] = extra["samples_per_s"]
         scalars["perf/step_time_s"] = extra["step_time_s"]
+        scalars.update({f"perf/{k}": extra[k] for k in ("tflops", "mfu", "data_wait_s") if extra.get(k) is not None})
         scalars["data/skipped_samples"] = extra["skipped_samples"]
         self.log(step, scalars)
 

@@ -86,10 +86,11 @@ class NonFiniteGuard:
         return consecutive
 
 
-def forward_backward(engine, batch: dict, usable: bool, guard: NonFiniteGuard) -> tuple[dict, torch.Tensor]:
-    """One micro-step's forward and backward; a non-finite loss (or a stand-in batch) backpropagates zero.
-    Returns the objective's outputs and the device flag of a finite loss."""
-    out = engine(batch)
+def forward_backward(engine, batch: dict, usable: bool, guard: NonFiniteGuard, *inputs) -> tuple[dict, torch.Tensor]:
+    """One micro-step's forward and backward; a non-finite loss (or a stand-in batch) backpropagates zero. `inputs`
+    follow the batch into the objective's forward. Returns the objective's outputs and the device flag of a finite
+    loss."""
+    out = engine(batch, *inputs)
     finite = torch.isfinite(out["loss"])
     guard.update(finite)
     engine.backward(torch.where(finite, out["loss"], 0.0) * (1.0 if usable else 0.0))
@@ -100,3 +101,53 @@ def bank_features(out: dict, finite: torch.Tensor) -> tuple[torch.Tensor, torch.
     """The step's features for the GRIT bank, zeroed where the step or the value is not finite (a zero feature
     is equally similar to every sample; a NaN would poison the grouping)."""
     return tuple(torch.where(finite & torch.isfinite(f), f, 0.0) for f in (out["image_feat"], out["text_feat"]))
+
+
+def optimizer_step(engine, model) -> None:
+    """DeepSpeed's step; on an optimiser-step boundary, the model's stored temperature is then clamped into its
+    bounds (see clamp_stored). Every rank calls it."""
+    boundary = engine.is_gradient_accumulation_boundary()
+    engine.step()
+    if boundary:
+        clamp_stored(model.temp, model.config.temp_min, model.config.temp_max, engine.optimizer)
+
+
+@torch.no_grad()
+def clamp_stored(param: torch.nn.Parameter, low: float, high: float, optimizer) -> None:
+    """Clamps a parameter into [low, high] in place, as ALBEF clamps its temperature at every forward, wherever the
+    engine stores it: the module's copy and the optimizer's fp32 master copy (kept apart under ZeRO and mixed
+    precision; each step updates it and copies it over the module's, so clamping the module's alone would not last).
+
+    Adam's momentum carries a parameter on past a bound its gradient no longer crosses (see bounded_temperature), so
+    without this the stored temperature drifts out of range, and code that reads it unclamped (ALBEF's retrieval
+    model, of an exported checkpoint) would use that value."""
+    if hasattr(param, "ds_id"):  # ZeRO-3: this rank's partition (padding past the tensor's end is never read)
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+        master = safe_get_local_fp32_param(param)
+        if master is not None:
+            safe_set_local_fp32_param(param, master.clamp(low, high))
+        param.ds_tensor.clamp_(low, high)
+    elif hasattr(param, "_hp_mapping"):  # ZeRO 1-2 and DeepSpeed's bf16 optimizer: fragments across ranks
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        safe_set_full_fp32_param(param, safe_get_full_fp32_param(param).clamp(low, high))
+    else:
+        master = _fp16_optimizer_master(optimizer, param)
+        if master is not None:
+            master.clamp_(low, high)
+    param.data.clamp_(low, high)  # under ZeRO-3 empty unless the parameter is small enough to stay gathered
+
+
+def _fp16_optimizer_master(optimizer, param: torch.nn.Parameter) -> torch.Tensor | None:
+    """The fp32 master copy of param in DeepSpeed's FP16_Optimizer (fp16 or bf16 without ZeRO: flat per group) or
+    FP16_UnfusedOptimizer (one tensor per parameter); None when the parameter is its own master (fp32)."""
+    for i, group in enumerate(getattr(optimizer, "fp16_groups", ())):
+        offset = 0
+        for j, p in enumerate(group):
+            if p is param:
+                if hasattr(optimizer, "fp32_groups_flat"):
+                    return optimizer.fp32_groups_flat[i].narrow(0, offset, p.numel())
+                return optimizer.fp32_groups[i][j]
+            offset += p.numel()
+    return None

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,11 +28,20 @@ from gritvlp.sampling.schedule import GritSchedule
 from gritvlp.train import checkpoint
 from gritvlp.train.data import barrier, epoch_loader, is_main, tokenizer_and_special_tokens, training_dataset
 from gritvlp.train.distributed import any_rank, init_distributed, reduce_mean
-from gritvlp.train.engine import build_engine, load_ds_config, precision_dtype, zero_stage
+from gritvlp.train.engine import LR_SCHEDULES, build_engine, load_ds_config, precision_dtype, zero_stage
 from gritvlp.train.evaluation import EpochEvaluation
 from gritvlp.train.faults import kill_point
+from gritvlp.train.flops import counting_flops, peak_tflops
 from gritvlp.train.monitor import Monitor
-from gritvlp.train.step import NonFiniteGuard, bank_features, batch_or_fallback, forward_backward, step_seed, to_device
+from gritvlp.train.step import (
+    NonFiniteGuard,
+    bank_features,
+    batch_or_fallback,
+    forward_backward,
+    optimizer_step,
+    step_seed,
+    to_device,
+)
 
 log = logging.getLogger("gritvlp.train")
 
@@ -51,6 +61,7 @@ class Window:
 
     samples: int = 0
     steps: int = 0
+    data_wait: float = 0.0  # seconds blocked in the loader
 
 
 def random_weights_warning(model_cfg, vision_width: int) -> str | None:
@@ -84,10 +95,12 @@ class Trainer:
         self.sampler = EpochBatchSampler(len(self.dataset), self.micro_batch, self.rank, self.world, cfg.train.seed)
         self.schedule = self._grit_schedule() if cfg.sampling.grit else None
         self.total_steps = self._total_steps()
-        warmup = (cfg.train.warmup_steps, cfg.train.warmup_start_ratio, cfg.train.min_lr_ratio)
+        schedule = LR_SCHEDULES[cfg.train.lr_schedule](
+            self.total_steps, cfg.train.warmup_steps, cfg.train.warmup_start_ratio, cfg.train.min_lr_ratio
+        )
         if cfg.train.compile:
             self._compile()
-        self.engine = build_engine(self.objective, self.ds_config, self.total_steps, *warmup)
+        self.engine = build_engine(self.objective, self.ds_config, schedule, cfg.train.lr_multipliers)
         if zero_stage(self.ds_config) == 3:
             self.objective.register_zero3_external_parameters()
         self.dtype = precision_dtype(self.ds_config)
@@ -97,6 +110,9 @@ class Trainer:
         self.state = RunState()
         self.guard = NonFiniteGuard(self.device)
         self.window = Window()
+        # FLOPs of one optimiser step on this rank, counted on the first micro-step (see train_step)
+        self.step_flops: int | None = None
+        self.peak_tflops = peak_tflops(self.device, cfg.train.peak_tflops)
         self.monitor: Monitor | None = None
         self.fallback_batch = None  # last good batch: stands in (with zero loss) when skips empty a batch
         self.epoch_start = self.grouping_seconds = 0.0
@@ -187,10 +203,15 @@ class Trainer:
         """The rest of the current epoch (all of it, or what a resumed checkpoint left), then end_epoch."""
         self.dataset.set_epoch(self.state.epoch)
         self.epoch_start, self.grouping_seconds = self.monitor.clock(), 0.0
+        # The data wait: host time blocked in the loader (its workers' start-up, then each batch not yet collated
+        # and pinned); the MLM inputs and the host-to-device copy come after, in the step.
+        waiting_since = self.monitor.clock()
         for host_batch in epoch_loader(self.dataset, self.sampler, self.collator, self.cfg, self.use_cuda):
+            self.window.data_wait += self.monitor.clock() - waiting_since
             self.train_step(host_batch)
             if self.done():
                 return
+            waiting_since = self.monitor.clock()
         self.end_epoch()
 
     def train_step(self, host_batch: dict) -> None:
@@ -201,14 +222,18 @@ class Trainer:
             batch, usable = self._device_batch(host_batch)
         torch.manual_seed(step_seed(self.cfg.train.seed, self.state.micro_step, self.rank))
         self.objective.set_step(self.state.global_step, self.state.epoch)
-        out, finite = forward_backward(self.engine, batch, usable, self.guard)
+        counting = self.step_flops is None
+        with counting_flops() if counting else nullcontext() as counter:
+            out, finite = forward_backward(self.engine, batch, usable, self.guard)
+        if counting:
+            self._set_step_flops(counter.get_total_flops(), batch["input_ids"].shape[1])
         if self.schedule is not None:
             if usable:
                 self.schedule.add(*bank_features(out, finite), batch["index"])
             self.grouping_seconds += self.schedule.tick(self.state.epoch)  # every rank, every micro-step
         lr = self.engine.get_lr()[0]  # the rate this step uses; step() advances the schedule
         with record_function("gritvlp.optimizer"):
-            self.engine.step()
+            optimizer_step(self.engine, self.objective.model)
         self.state.micro_step += 1
         self.window.samples += host_batch["input_ids"].shape[0] if usable else 0
         if self.state.micro_step % self.grad_accum:
@@ -220,6 +245,15 @@ class Trainer:
             self.log_step(out, lr)
         if self.state.global_step % self.cfg.train.save_every == 0:
             self.save()
+
+    def _set_step_flops(self, micro_step_flops: int, caption_width: int) -> None:
+        """Counted once per run (and process), on its first micro-step: later batches are charged the same work,
+        though their captions, padded to the longest in the batch, may be a few tokens longer or shorter."""
+        self.step_flops = micro_step_flops * self.grad_accum
+        if is_main():
+            log.info("one optimiser step is %.4g TFLOP per rank (forward + backward, counted on the first micro-step, "
+                     "captions padded to %d tokens): perf/tflops and perf/mfu use this count",
+                     self.step_flops / 1e12, caption_width)  # fmt: skip
 
     def _device_batch(self, host_batch: dict) -> tuple[dict, bool]:
         """The step's batch on the device with its MLM inputs, drawn on the host from the step's seed (see
@@ -301,15 +335,24 @@ class Trainer:
 
     # -- logging --------------------------------------------------------------------------------------------------
     def log_step(self, out: dict, lr: float) -> None:
-        """Averages the step's terms over ranks (the one place, with check_finite, where the host waits)."""
+        """Averages the step's terms over ranks (the one place, with check_finite, where the host waits).
+
+        Per optimiser step of the window since the last log: step_time_s (rank 0's wall time, evaluation and
+        checkpoints in it included), data_wait_s (time blocked in the loader, mean over ranks), tflops (the counted
+        step FLOPs per step time, per rank) and mfu (tflops / the device's peak, when one is known)."""
         self.check_finite()
         terms = reduce_mean({k: out[k] for k in TERMS if k in out}, self.device)
         seconds = self.monitor.elapsed()
-        samples = reduce_mean({"n": torch.tensor(float(self.window.samples))}, self.device)["n"] * self.world
+        window = {"samples": float(self.window.samples), "data_wait": self.window.data_wait}
+        window = reduce_mean({k: torch.tensor(v) for k, v in window.items()}, self.device)
+        step_time = max(seconds, 1e-9) / self.window.steps
+        tflops = self.step_flops / step_time / 1e12
         grad_norm = self.engine.get_global_grad_norm()
         self.monitor.log_train(
             self.state.global_step, terms, lr=lr, grad_norm=None if grad_norm is None else float(grad_norm),
-            samples_per_s=samples / max(seconds, 1e-9), step_time_s=seconds / self.window.steps,
+            samples_per_s=window["samples"] * self.world / max(seconds, 1e-9), step_time_s=step_time,
+            data_wait_s=window["data_wait"] / self.window.steps, tflops=tflops,
+            mfu=None if self.peak_tflops is None else tflops / self.peak_tflops,
             skipped_samples=float(self.state.skipped_samples),
         )  # fmt: skip
         self.window = Window()
