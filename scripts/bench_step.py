@@ -2,6 +2,7 @@
 
     python scripts/bench_step.py                                          # CUDA: vitb16_bert, B = 128, bf16
     python scripts/bench_step.py --config demo --batch 16 --steps 3 --warmup 1   # CPU smoke run
+    python scripts/bench_step.py --variants grit --trainer                # + the trainer itself, side by side
 
 One step is what the trainer does on one GPU, minus DeepSpeed: the host batch gets its MLM inputs (drawn on the
 CPU, as in training) and is copied to the device, forward under autocast (fp32 parameters), backward of the
@@ -28,6 +29,14 @@ forward + backward (counted once by torch.utils.flop_counter on the reference ke
 charged the same work), achieved TFLOP/s and MFU against the device's dense bf16 peak. On CUDA a few more steps run
 under torch.cuda.set_sync_debug_mode("warn"): every host synchronisation inside a step is recorded with its source
 line. Ratios: grit / plain step time (with and without grouping), grit_reference_kernels / grit.
+
+With --trainer the trainer itself runs too (gritvlp.train.trainer.Trainer in this process: the DeepSpeed engine of
+--ds-config with --batch per rank, the data loader and augmentations of the config, the monitor), --warmup + --steps
+optimiser steps with the config and its overrides, without evaluation or checkpoints; its figures (mean step time
+and samples/s of the windows after the warm-up, the FLOPs it counted, TFLOP/s, MFU, data wait and its share of the
+step) go under "trainer" in the same JSON. Its precision is ds_config's (bf16 off on a CPU), not --dtype. Give it a
+--warmup of 1 or more: its first step runs under the FLOP counter (and compiles, with --compile). --variants ""
+runs the trainer alone.
 """
 
 from __future__ import annotations
@@ -36,19 +45,18 @@ import argparse
 import dataclasses
 import gc
 import json
-import os
+import math
 import platform
 import statistics
+import tempfile
 import time
 import traceback
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
-from torch.utils.flop_counter import FlopCounterMode
 
 from gritvlp.config import load_config
 from gritvlp.model.gritvlp import GritVLP
@@ -57,6 +65,7 @@ from gritvlp.objectives.pretraining import PretrainingObjective
 from gritvlp.sampling.bank import FeatureBank
 from gritvlp.sampling.schedule import GritSchedule
 from gritvlp.train.engine import parameter_groups
+from gritvlp.train.flops import counting_flops, kernels_backend, peak_tflops
 from gritvlp.train.step import NonFiniteGuard, bank_features, forward_backward, step_seed, to_device
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,8 +81,6 @@ VARIANTS = {
     "grit_smoothed": dict(objectives=SMOOTHED, bank=True, kernels="auto"),
     "grit_mafa": dict(objectives=SMOOTHED, bank=True, kernels="auto", mining=True),
 }
-# Dense bf16 tensor-core peak (TFLOP/s) by a substring of torch.cuda.get_device_name(), first match wins.
-PEAK_BF16_TFLOPS = (("H200", 989.4), ("H100 SXM", 989.4), ("H100 80GB HBM3", 989.4), ("A100", 312.0))
 HOST_BATCHES = 4  # distinct captions cycled through (tokenisation happens in the loader, not in the step)
 FIRST_WORD_ID = 1000  # BERT-uncased ids below this are special or [unused] tokens
 
@@ -90,8 +97,10 @@ def parse_args(argv):
     parser.add_argument("--ds-config", type=Path, default=ROOT / "ds_configs" / "zero2.json")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by name)")
     parser.add_argument(
-        "--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS)
+        "--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS) + ' ("": none)'
     )
+    parser.add_argument("--trainer", action="store_true",
+                        help="also run the trainer itself (DeepSpeed, loader, monitor) and record its figures")  # fmt: skip
     parser.add_argument("--sync-check-steps", type=int, default=3, help="CUDA steps under sync debug mode")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/step_<device>.json)")
     parser.add_argument("--breakdown-steps", type=int, default=3, help="steps profiled for the per-phase breakdown")
@@ -99,9 +108,14 @@ def parse_args(argv):
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile every transformer block (train.compile); compiles during --warmup")  # fmt: skip
     args = parser.parse_args(argv)
-    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    args.variants = [name for name in args.variants.split(",") if name]
+    unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}")
+    if not args.variants and not args.trainer:
+        parser.error("nothing to run: name variants, or pass --trainer")
+    if args.trainer and args.steps < 1:
+        parser.error("--trainer needs --steps >= 1")
     return args
 
 
@@ -120,31 +134,8 @@ def optimizer_settings(ds_config: Path) -> dict:
     }
 
 
-def peak_tflops(device: torch.device, override: float | None) -> float | None:
-    if override is not None:
-        return override
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
-
-
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-
-
-@contextmanager
-def kernels_backend(value: str):
-    """gritvlp.kernels.backend_for reads GRITVLP_KERNELS at each call: set it for the block, then restore it."""
-    previous = os.environ.get("GRITVLP_KERNELS")
-    os.environ["GRITVLP_KERNELS"] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("GRITVLP_KERNELS", None)
-        else:
-            os.environ["GRITVLP_KERNELS"] = previous
 
 
 # -- synthetic data ----------------------------------------------------------------------------------------------------
@@ -272,7 +263,7 @@ def step_times(run: StepRunner, first_step: int, steps: int, device: torch.devic
 def count_flops(run: StepRunner, step: int) -> int:
     """FLOPs of one forward + backward on the reference kernels (every matmul a visible torch op)."""
     batch = run.batches(step)
-    with kernels_backend("reference"), FlopCounterMode(display=False) as counter:
+    with counting_flops() as counter:
         out = run.engine(batch)
         out["loss"].backward()
     run.optimizer.zero_grad(set_to_none=True)
@@ -430,6 +421,93 @@ def ratios(variants: dict, grouping: dict) -> dict:
     return out
 
 
+# -- the trainer itself ------------------------------------------------------------------------------------------------
+def trainer_overrides(args, output_dir: Path) -> list[str]:
+    """--overrides, then what the trainer mode needs: warmup + steps optimiser steps, logged in windows of
+    gcd(warmup, steps) steps (so no window mixes the two; the host waits only at their ends, as in training), epochs
+    enough to get there, no evaluation and no checkpoint."""
+    forced = [
+        f"train.output_dir={output_dir}", f"train.max_steps={args.warmup + args.steps}",
+        f"train.log_every={math.gcd(args.warmup, args.steps)}", "train.epochs=1000000", "train.save_every=1000000000",
+        "eval.every_epochs=0",
+    ]  # fmt: skip
+    if args.compile:
+        forced.append("train.compile=true")
+    if args.peak_tflops is not None:
+        forced.append(f"train.peak_tflops={args.peak_tflops}")
+    return [*args.overrides, *forced]
+
+
+def run_trainer(args) -> dict:
+    """The trainer's loop (Trainer.fit without its final checkpoint, evaluation and export) in a temporary folder,
+    then its figures from the metrics.jsonl it wrote."""
+    import torch.distributed as dist
+
+    from gritvlp.train.monitor import Monitor
+    from gritvlp.train.trainer import Trainer
+
+    formed_group = not dist.is_initialized()
+    with tempfile.TemporaryDirectory(prefix="bench_step_trainer_") as tmp:
+        ds_config = json.loads(args.ds_config.read_text())
+        ds_config["train_micro_batch_size_per_gpu"] = args.batch
+        ds_path = Path(tmp) / "ds_config.json"
+        ds_path.write_text(json.dumps(ds_config))
+        cfg = load_config(args.config, trainer_overrides(args, Path(tmp) / "run"))
+        try:
+            trainer = Trainer(cfg, str(ds_path))
+            trainer.prepare_output(resume=None, overwrite=False)
+            trainer.resume(None)
+            trainer.monitor = Monitor(trainer.output_dir, trainer.total_steps, 0, enabled=True)
+            try:
+                while not trainer.done():
+                    trainer.run_epoch()
+            finally:
+                trainer.monitor.close()
+            rows = [json.loads(line) for line in (trainer.output_dir / "metrics.jsonl").read_text().splitlines()]
+        finally:
+            if formed_group and dist.is_initialized():
+                dist.destroy_process_group()
+    return trainer_figures(trainer, rows, args)
+
+
+WINDOW_KEYS = ("step", "perf/step_time_s", "perf/data_wait_s", "perf/samples_per_s", "perf/tflops")
+
+
+def trainer_figures(trainer, rows: list[dict], args) -> dict:
+    """The logged windows after the warm-up, summed: every window has log_every steps."""
+    every = trainer.cfg.train.log_every
+    windows = [r for r in rows if "perf/step_time_s" in r]  # epoch-end rows carry grit/* only
+    timed = [r for r in windows if r["step"] > args.warmup]
+    steps = every * len(timed)
+    seconds = every * sum(r["perf/step_time_s"] for r in timed)
+    samples = every * sum(r["perf/samples_per_s"] * r["perf/step_time_s"] for r in timed)
+    wait = every * sum(r["perf/data_wait_s"] for r in timed)
+    step_s = seconds / steps
+    tflops = trainer.step_flops / step_s / 1e12
+    return {
+        "config": args.config,
+        "overrides": args.overrides,
+        "ds_config": str(args.ds_config),
+        "device": trainer.device.type,
+        "dtype": str(trainer.dtype).replace("torch.", ""),
+        "world": trainer.world,
+        "batch_per_rank": trainer.micro_batch,
+        "gradient_accumulation": trainer.grad_accum,
+        "warmup": args.warmup,
+        "steps": steps,
+        "log_every": every,
+        "step_s_mean": step_s,
+        "samples_per_s": samples / seconds,
+        "flops_per_step": trainer.step_flops,
+        "achieved_tflops": tflops,
+        "peak_tflops": trainer.peak_tflops,
+        "mfu": None if trainer.peak_tflops is None else tflops / trainer.peak_tflops,
+        "data_wait_s": wait / steps,
+        "data_wait_share": wait / seconds,
+        "windows": [{k: r[k] for k in WINDOW_KEYS} for r in windows],
+    }
+
+
 def isolated(measure, device: torch.device) -> dict:
     """One measurement; its failure is recorded and the others still run. Frees the device memory after it."""
     try:
@@ -468,6 +546,19 @@ def print_table(report: dict) -> None:
     for key, value in report["ratios"].items():
         print(f"{key}: {value:.3f}")
     print_breakdown(report["variants"])
+    trainer = report.get("trainer")
+    if trainer is None:
+        return
+    if "error" in trainer:
+        print(f"\ntrainer: error: {trainer['error'][:120]}")
+        return
+    mfu = "-" if trainer["mfu"] is None else f"{100 * trainer['mfu']:.1f}%"
+    print(
+        f"\ntrainer ({trainer['dtype']}, {trainer['world']} x {trainer['batch_per_rank']} per rank, mean of "
+        f"{trainer['steps']} steps): {1e3 * trainer['step_s_mean']:.2f} ms/step, {trainer['samples_per_s']:.1f} "
+        f"samples/s, {trainer['achieved_tflops']:.2f} TFLOP/s, MFU {mfu}, data wait {1e3 * trainer['data_wait_s']:.2f} "
+        f"ms/step ({100 * trainer['data_wait_share']:.1f}% of the step)"
+    )
 
 
 def print_breakdown(variants: dict) -> None:
@@ -486,6 +577,8 @@ def print_breakdown(variants: dict) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.trainer and (device.type == "cuda") != torch.cuda.is_available():
+        raise SystemExit("--trainer runs where the trainer does (CUDA when available): drop --device")
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = torch.bfloat16 if (args.dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16" else torch.float32
@@ -515,7 +608,7 @@ def main(argv=None) -> dict:
     }  # fmt: skip
     print(f"device: {report['device_name']} ({device.type}), {report['dtype']}, torch {torch.__version__}")
     flops_by_objectives: dict = {}
-    for name in args.variants.split(","):
+    for name in args.variants:
         print(f"running {name} ...", flush=True)
 
         def measure(name=name):
@@ -528,6 +621,9 @@ def main(argv=None) -> dict:
         print(f"  {name}: {summary}", flush=True)
     report["grouping"] = isolated(lambda: time_grouping(cfg, args.batch, device), device)
     report["ratios"] = ratios(report["variants"], report["grouping"])
+    if args.trainer:
+        print("running the trainer ...", flush=True)
+        report["trainer"] = isolated(lambda: run_trainer(args), device)
     print_table(report)
     out_path = args.out or ROOT / "benchmarks" / f"step_{device.type}{'_compiled' if args.compile else ''}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)

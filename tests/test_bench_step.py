@@ -2,8 +2,12 @@
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_step.py"
 
@@ -46,8 +50,36 @@ def test_peak_tflops_by_device_name(monkeypatch):
     bench = load_script()
     cuda = bench.torch.device("cuda")
     for name, peak in (("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H200", 989.4), ("NVIDIA A100-SXM4-80GB", 312.0),
-                       ("NVIDIA H100 PCIe", None)):  # fmt: skip
+                       ("NVIDIA H100 PCIe", 756.0), ("NVIDIA L40", None)):  # fmt: skip
         monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda device=None, name=name: name)
         assert bench.peak_tflops(cuda, None) == peak, name
     assert bench.peak_tflops(cuda, 500.0) == 500.0
     assert bench.peak_tflops(bench.torch.device("cpu"), None) is None
+
+
+@pytest.mark.slow
+def test_trainer_mode_writes_its_figures_beside_the_harness(tmp_path):
+    """The trainer itself (DeepSpeed, loader, monitor) on the demo config, beside the grit variant; in its own
+    process, since the trainer forms a process group."""
+    out = tmp_path / "step.json"
+    cmd = [
+        sys.executable, str(SCRIPT), "--config", "demo", "--variants", "grit", "--trainer", "--batch", "8",
+        "--steps", "2", "--warmup", "1", "--device", "cpu", "--breakdown-steps", "0", "--out", str(out),
+        f"data.demo_dir={tmp_path / 'demo'}", "data.demo_train_samples=64", "data.demo_test_samples=16",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    result = subprocess.run(cmd, cwd=SCRIPT.parents[1], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    harness, trainer = report["variants"]["grit"], report["trainer"]
+    assert "error" not in harness and "error" not in trainer, trainer
+    assert trainer["steps"] == 2 and trainer["log_every"] == 1 and len(trainer["windows"]) == 3
+    assert trainer["batch_per_rank"] == 8 and trainer["dtype"] == "float32"
+    assert trainer["step_s_mean"] > 0 and trainer["samples_per_s"] > 0 and trainer["achieved_tflops"] > 0
+    assert trainer["mfu"] is None  # no peak known for a CPU
+    assert 0 < trainer["data_wait_s"] < trainer["step_s_mean"] and 0 < trainer["data_wait_share"] < 1
+    # Counted inside DeepSpeed's engine, the same model's step is the harness's work (the captions' padded widths
+    # differ); a count that missed the backward would be a third of it.
+    assert 0.8 < trainer["flops_per_step"] / harness["flops_per_step"] < 1.25
+    assert "trainer (float32" in result.stdout

@@ -75,7 +75,7 @@ def losses(run: Path) -> dict[int, dict]:
 def zero2_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("zero2")
     ds = ds_config(tmp, 2)
-    pretrain(tmp / "full", ds, 2)
+    pretrain(tmp / "full", ds, 2, "train.peak_tflops=1")  # a peak to compute perf/mfu against on a CPU
     return tmp, ds
 
 
@@ -85,8 +85,12 @@ def test_two_process_zero2_run_logs_every_term(zero2_run):
     metrics = losses(run)
     assert sorted(metrics) == [1, 2, 3, 4, 5, 6]
     for key in ("loss/total", "loss/itc", "loss/consistency", "loss/itm", "loss/mlm", "train/itm_acc",
-                "train/temp", "train/lr", "train/grad_norm", "perf/samples_per_s", "perf/step_time_s"):  # fmt: skip
+                "train/temp", "train/lr", "train/grad_norm", "perf/samples_per_s", "perf/step_time_s",
+                "perf/tflops", "perf/mfu", "perf/data_wait_s"):  # fmt: skip
         assert all(torch.isfinite(torch.tensor(m[key])) for m in metrics.values()), key
+    for m in metrics.values():
+        assert m["perf/tflops"] > 0 and m["perf/mfu"] == pytest.approx(m["perf/tflops"])  # train.peak_tflops=1
+        assert 0 < m["perf/data_wait_s"] < m["perf/step_time_s"]
     assert metrics[1]["train/lr"] < metrics[2]["train/lr"]  # warm-up
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     tags = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir())
@@ -179,6 +183,8 @@ def test_export_zero_stage_1_and_3(stage, tmp_path):
     ds = ds_config(tmp_path, stage)
     pretrain(tmp_path / "run", ds, 1, "train.max_steps=2", "train.export_fp16=false")
     check_export_matches(tmp_path / "run" / "checkpoints" / "global_step2", tmp_path / "export")
+    for m in losses(tmp_path / "run").values():  # no peak known for a CPU: throughput without MFU
+        assert m["perf/tflops"] > 0 and "perf/mfu" not in m
 
 
 def test_fp16_overflow_is_a_clear_error():
