@@ -60,7 +60,14 @@ def pretrain(out: Path, ds: Path, procs: int, *extra: str) -> subprocess.Complet
     cmd = pretrain_cmd(out, ds, procs, *extra)
     result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"pretrain failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    assert shared_memory_segments(cmd) == []  # a finished run leaves no all-reduce segment in /dev/shm (memory)
     return result
+
+
+def shared_memory_segments(cmd: list[str]) -> list[Path]:
+    """DeepSpeed's CPU all-reduce segments of the run `cmd` launched (named after its master port)."""
+    port = cmd[cmd.index("--master_port") + 1]
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def losses(run: Path) -> dict[int, dict]:
@@ -111,15 +118,19 @@ def test_killed_run_resumes_exactly(zero2_run):
     """The same run, killed (SIGKILL, whole process group) once its first checkpoint exists, then resumed."""
     tmp, ds = zero2_run
     run = tmp / "killed"
+    cmd = pretrain_cmd(run, ds, 2)
     proc = subprocess.Popen(
-        pretrain_cmd(run, ds, 2), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
+        cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )  # fmt: skip
     latest, deadline = run / "checkpoints" / "latest", time.time() + 600
     while not latest.is_file() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    leaked = shared_memory_segments(cmd)  # a killed run cannot remove its ranks' segments: they exist, one per rank
+    assert len(leaked) == 2
+    for segment in leaked:
+        segment.unlink()
     assert latest.read_text().strip() == "global_step3"  # killed mid-epoch 0 (4 steps per epoch)
     pretrain(run, ds, 2, "--resume", "latest")
     full, resumed = losses(tmp / "full"), losses(run)

@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -154,3 +155,22 @@ def reduce_mean(values: dict[str, torch.Tensor], device) -> dict[str, float]:
         dist.all_reduce(stacked)
         stacked /= dist.get_world_size()
     return dict(zip(names, stacked.tolist()))
+
+
+def shared_memory_segment() -> Path:
+    """This rank's segment of DeepSpeed's CPU all-reduce (its shm op names it after the user, MASTER_ADDR,
+    MASTER_PORT and the rank)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{dist.get_rank()}")
+
+
+def release_shared_memory() -> None:
+    """Removes this rank's segment at the end of a run. DeepSpeed's CPU all-reduce creates one of about 66 MB per
+    rank in /dev/shm (memory) and never removes it, so every CPU run, each on its own port, would leave its ranks'
+    segments in memory until the machine runs out. Every rank calls this after the run's last collective: after the
+    barrier no rank reads another's segment. A run killed before its end still leaves them (rm
+    /dev/shm/deepspeed_allreduce_buffer_*)."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    shared_memory_segment().unlink(missing_ok=True)

@@ -41,7 +41,7 @@ from gritvlp.objectives.retrieval import (
 from gritvlp.sampling.order import EpochBatchSampler
 from gritvlp.train import checkpoint
 from gritvlp.train.data import barrier, is_main
-from gritvlp.train.distributed import init_distributed, reduce_mean
+from gritvlp.train.distributed import init_distributed, reduce_mean, release_shared_memory
 from gritvlp.train.engine import (
     build_engine,
     cosine_with_warmup,
@@ -320,6 +320,8 @@ class FineTuner:
             log.info("best %s %.2f after epoch %d: %s", SELECT_KEYS[self.cfg.select], self.state.best_score,
                      self.state.best_epoch, self.output_dir / BEST_EXPORT)  # fmt: skip
         barrier()
+        if not self.use_cuda:
+            release_shared_memory()
         return self.state
 
     def train_epoch(self) -> None:

@@ -27,7 +27,7 @@ from gritvlp.sampling.order import EpochBatchSampler, epoch_key, random_rank_bat
 from gritvlp.sampling.schedule import GritSchedule
 from gritvlp.train import checkpoint
 from gritvlp.train.data import barrier, epoch_loader, is_main, tokenizer_and_special_tokens, training_dataset
-from gritvlp.train.distributed import any_rank, init_distributed, reduce_mean
+from gritvlp.train.distributed import any_rank, init_distributed, reduce_mean, release_shared_memory
 from gritvlp.train.engine import LR_SCHEDULES, build_engine, load_ds_config, precision_dtype, zero_stage
 from gritvlp.train.evaluation import EpochEvaluation
 from gritvlp.train.faults import kill_point
@@ -295,6 +295,8 @@ class Trainer:
             if self.cfg.train.export_fp16:
                 export_final(self.output_dir)
         barrier()
+        if not self.use_cuda:
+            release_shared_memory()
 
     def evaluate(self) -> None:
         """Zero-shot retrieval (and the demo's hard negatives) on every rank; rank 0 logs eval/*."""
