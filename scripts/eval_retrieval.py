@@ -56,20 +56,12 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    import torch
-    import torch.distributed as dist
-
     from gritvlp.eval import data as eval_data
-    from gritvlp.eval.loading import load_model, load_model_tokenizer, setup_distributed
+    from gritvlp.eval.loading import load_for_evaluation
     from gritvlp.eval.retrieval import evaluate_retrieval
 
-    device = setup_distributed(args.device)
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    dtype = dtypes[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
-    is_main = not dist.is_initialized() or dist.get_rank() == 0
     try:
-        model = load_model(args.model, device, dtype)
-        tokenizer = load_model_tokenizer(args.model, model)
+        model, tokenizer, device, is_main = load_for_evaluation(args.model, args.device, args.dtype)
         image_size = args.image_size or model.config.image_size
         if args.shards:
             data = eval_data.from_shards(args.shards, image_size, args.max_words, args.num_workers, progress=is_main)

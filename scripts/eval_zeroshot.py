@@ -64,19 +64,11 @@ def classification_sets(args, image_size: int):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    import torch
-    import torch.distributed as dist
-
-    from gritvlp.eval.loading import load_model, load_model_tokenizer, setup_distributed
+    from gritvlp.eval.loading import load_for_evaluation
     from gritvlp.eval.zeroshot import evaluate_zeroshot
 
-    device = setup_distributed(args.device)
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    dtype = dtypes[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
-    is_main = not dist.is_initialized() or dist.get_rank() == 0
     try:
-        model = load_model(args.model, device, dtype)
-        tokenizer = load_model_tokenizer(args.model, model)
+        model, tokenizer, device, is_main = load_for_evaluation(args.model, args.device, args.dtype)
         sets = classification_sets(args, args.image_size or model.config.image_size)
     except (FileNotFoundError, KeyError, ValueError) as err:
         sys.exit(f"error: {err}")

@@ -49,3 +49,16 @@ def setup_distributed(device_arg: str | None) -> torch.device:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
+
+
+def load_for_evaluation(path: str | Path, device_arg: str | None, dtype_arg: str | None):
+    """What an evaluation script starts with: (model, its tokenizer, device, whether this is rank 0), the process
+    group joined under a launcher; dtype_arg fp32 / fp16 / bf16, default fp16 on CUDA and fp32 on CPU."""
+    import torch.distributed as dist
+
+    device = setup_distributed(device_arg)
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    dtype = dtypes[dtype_arg or ("fp16" if device.type == "cuda" else "fp32")]
+    model = load_model(path, device, dtype)
+    is_main = not dist.is_initialized() or dist.get_rank() == 0
+    return model, load_model_tokenizer(path, model), device, is_main
