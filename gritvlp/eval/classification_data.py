@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from dataclasses import dataclass
 from itertools import product
 
@@ -17,6 +18,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from gritvlp.data.transforms import eval_transform
+
+log = logging.getLogger("gritvlp.eval")
 
 
 @dataclass
@@ -131,9 +134,7 @@ def from_labelled_shards(pattern: str, image_size: int, label_key: str, classnam
     if not indices:
         raise ValueError(f"no sample of {pattern!r} has a usable {label_key!r} in its KEY.json")
     if unlabelled:
-        import logging
-
-        logging.getLogger("gritvlp.eval").warning("%d sample(s) without a usable %r left out", unlabelled, label_key)
+        log.warning("%d sample(s) without a usable %r left out", unlabelled, label_key)
     return ClassificationSet(name, ShardImages(samples, indices), labels, classnames, templates)
 
 
