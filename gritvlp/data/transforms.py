@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -46,10 +47,30 @@ TRANSLATE_PIXELS = 10  # shift in pixels at MAX_LEVEL: absolute, whatever the im
 SHEAR_AT_MAX = 0.3
 ROTATE_DEGREES_AT_MAX = 30.0
 DCT_SCALES = (8, 4, 2)  # the reductions PIL's JPEG draft mode offers
+GEOMETRIC_OPS = frozenset({"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"})  # these draw a direction
 
 
 class UndecodableImage(Exception):
     """The image bytes could not be decoded."""
+
+
+@dataclass(frozen=True)
+class AugmentDraw:
+    """One of RandomAugment's N draws: the operation, whether it is applied and, for an applied geometric one, its
+    direction (1 otherwise)."""
+
+    op: str
+    applied: bool
+    sign: int = 1
+
+
+@dataclass(frozen=True)
+class TrainDraw:
+    """Every random choice of the training transform for one image, drawn before any pixel is decoded."""
+
+    box: tuple[int, int, int, int]  # (top, left, height, width) in the full image, as RandomResizedCrop draws it
+    flip: bool
+    augment: tuple[AugmentDraw, ...]
 
 
 # ---------------------------------------------------------------- decoding, crop and resize
@@ -105,12 +126,32 @@ class ReducedDecodeRandomResizedCrop(T.RandomResizedCrop):
     """torchvision's RandomResizedCrop (the same random draws, the same crop) -> [3, S, S] uint8, decoding only
     the resolution the crop can use. A crop of a reduced decode is rounded to its pixel grid (under half a pixel)."""
 
-    def forward(self, image: Image.Image) -> torch.Tensor:
-        top, left, height, width = self.get_params(image, self.scale, self.ratio)  # from the header: no decode
+    def draw(self, image: Image.Image) -> tuple[int, int, int, int]:
+        """(top, left, height, width), from the size in the header: no decode."""
+        return tuple(self.get_params(image, self.scale, self.ratio))
+
+    def apply(self, image: Image.Image, box: tuple[int, int, int, int]) -> torch.Tensor:
+        top, left, height, width = box
         out_size = (self.size[1], self.size[0])
         image, reduce = _decode_scaled(image, jpeg_reduction((width, height), out_size))
-        box = tuple(round(v / reduce) for v in (left, top, left + width, top + height))
-        return resize_region(_pixels(image), box, out_size)
+        scaled = tuple(round(v / reduce) for v in (left, top, left + width, top + height))
+        return resize_region(_pixels(image), scaled, out_size)
+
+    def forward(self, image: Image.Image) -> torch.Tensor:
+        return self.apply(image, self.draw(image))
+
+
+class HorizontalFlip(T.RandomHorizontalFlip):
+    """torchvision's RandomHorizontalFlip (the same draw), with the draw apart from the flip."""
+
+    def draw(self) -> bool:
+        return bool(torch.rand(1) < self.p)
+
+    def apply(self, pixels: torch.Tensor, flip: bool) -> torch.Tensor:
+        return pixels.flip(-1) if flip else pixels
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.apply(pixels, self.draw())
 
 
 class ReducedDecodeResize(torch.nn.Module):
@@ -139,15 +180,11 @@ class NormalizeUint8(torch.nn.Module):
 
 
 # ---------------------------------------------------------------- ALBEF's RandomAugment, on [3, H, W] uint8
+# The geometric operations take a signed level: the caller draws the direction (AlbefRandomAugment.draw).
 
 
 def _chance(p: float) -> bool:
     return torch.rand(()).item() < p
-
-
-def _signed(value: float) -> float:
-    """ALBEF flips the sign of every geometric magnitude with probability 1/2."""
-    return -value if _chance(0.5) else value
 
 
 def _enhance_factor(level: float) -> float:
@@ -195,27 +232,31 @@ def _equalize(pixels: torch.Tensor, level: float) -> torch.Tensor:
     return _apply_tables(pixels, np.stack([_equalize_table(c) for c in pixels.numpy()]))
 
 
+def brightness_table(level: float) -> np.ndarray:
+    return (np.arange(256, dtype=np.float32) * np.float32(_enhance_factor(level))).clip(0, 255).astype(np.uint8)
+
+
 def _brightness(pixels: torch.Tensor, level: float) -> torch.Tensor:
-    table = (np.arange(256, dtype=np.float32) * np.float32(_enhance_factor(level))).clip(0, 255).astype(np.uint8)
-    return _apply_tables(pixels, np.stack([table] * pixels.shape[0]))
+    return _apply_tables(pixels, np.stack([brightness_table(level)] * pixels.shape[0]))
 
 
 def _blur3x3(image: torch.Tensor) -> torch.Tensor:
-    """PIL's SMOOTH filter ([[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13) on the interior of [C, H, W] float, as sums of
+    """PIL's SMOOTH filter ([[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13) on the interior of [..., H, W] float, as sums of
     shifted views (a grouped conv2d is many times slower on the CPU)."""
-    rows = image[:, :-2] + image[:, 1:-1] + image[:, 2:]
-    box = rows[:, :, :-2] + rows[:, :, 1:-1] + rows[:, :, 2:]
-    return box.add_(image[:, 1:-1, 1:-1], alpha=4).div_(13)
+    rows = image[..., :-2, :] + image[..., 1:-1, :] + image[..., 2:, :]
+    box = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]
+    return box.add_(image[..., 1:-1, 1:-1], alpha=4).div_(13)
 
 
-def _sharpness(pixels: torch.Tensor, level: float) -> torch.Tensor:
-    """Blend away from the 3x3 blur (rounded to uint8) inside a one-pixel border, which is kept. ALBEF casts the
-    blend to uint8 unclipped, so values past 0 or 255 wrap around; they are clipped here, as PIL does."""
+def sharpness(pixels: torch.Tensor, level: float) -> torch.Tensor:
+    """Blend away from the 3x3 blur (rounded to uint8) inside a one-pixel border, which is kept; [..., H, W] uint8.
+    ALBEF casts the blend to uint8 unclipped, so values past 0 or 255 wrap around; they are clipped here, as PIL
+    does."""
     image = pixels.to(torch.float32)
     blurred = _blur3x3(image).round_()
-    inner = blurred + _enhance_factor(level) * (image[:, 1:-1, 1:-1] - blurred)
+    inner = blurred + _enhance_factor(level) * (image[..., 1:-1, 1:-1] - blurred)
     out = pixels.clone()
-    out[:, 1:-1, 1:-1] = inner.clamp_(0, 255).to(torch.uint8)
+    out[..., 1:-1, 1:-1] = inner.clamp_(0, 255).to(torch.uint8)
     return out
 
 
@@ -224,23 +265,44 @@ def _pixel_to_grid(width: int, height: int) -> np.ndarray:
     return np.array([[2 / width, 0, 1 / width - 1], [0, 2 / height, 1 / height - 1], [0, 0, 1]])
 
 
-def _warp(pixels: torch.Tensor, forward: np.ndarray) -> torch.Tensor:
-    """Affine warp as OpenCV's warpAffine does it for ALBEF: `forward` (2x3) maps source to output pixel
-    coordinates (centres at integers); bilinear, with every pixel outside the image grey."""
-    height, width = pixels.shape[1:]
+def _translation(level: float) -> float:
+    return -(level / MAX_LEVEL * TRANSLATE_PIXELS)
+
+
+def affine_forward(op: str, level: float, width: int, height: int) -> np.ndarray:
+    """The 2x3 map of a geometric operation at a signed level from source to output pixel coordinates (centres at
+    integers), as ALBEF builds it for OpenCV's warpAffine. Rotate turns counter-clockwise about (W/2, H/2), as
+    cv2.getRotationMatrix2D builds it."""
+    forward = np.eye(2, 3)
+    if op in ("ShearX", "ShearY"):
+        axis = int(op == "ShearY")
+        forward[axis, 1 - axis] = level / MAX_LEVEL * SHEAR_AT_MAX
+    elif op in ("TranslateX", "TranslateY"):
+        forward[int(op == "TranslateY"), 2] = _translation(level)
+    elif op == "Rotate":
+        angle = math.radians(level / MAX_LEVEL * ROTATE_DEGREES_AT_MAX)
+        cos, sin = math.cos(angle), math.sin(angle)
+        cx, cy = width / 2, height / 2
+        forward = np.array([[cos, sin, (1 - cos) * cx - sin * cy], [-sin, cos, sin * cx + (1 - cos) * cy]])
+    else:
+        raise ValueError(f"{op!r} is not a geometric operation ({sorted(GEOMETRIC_OPS)})")
+    return forward
+
+
+def warp_theta(forward: np.ndarray, width: int, height: int) -> np.ndarray:
+    """grid_sample's 2x3 matrix (output -> source, normalised coordinates) of a forward map in pixel coordinates."""
     to_grid = _pixel_to_grid(width, height)
     inverse = np.linalg.inv(np.vstack([forward, [0, 0, 1]]))
-    theta = torch.tensor((to_grid @ inverse @ np.linalg.inv(to_grid))[:2], dtype=torch.float32)
-    grid = F.affine_grid(theta[None], [1, *pixels.shape], align_corners=False)
-    centred = pixels.to(torch.float32).sub_(GREY)[None]  # zero padding of the centred image = grey padding
-    out = F.grid_sample(centred, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    return (to_grid @ inverse @ np.linalg.inv(to_grid))[:2]
+
+
+def warp_batch(pixels: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] uint8 warped by theta [B, 2, 3] (float32, warp_theta's) as OpenCV's warpAffine does it for ALBEF:
+    bilinear, with every pixel outside the image grey."""
+    grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)
+    centred = pixels.to(torch.float32).sub_(GREY)  # zero padding of the centred image = grey padding
+    out = F.grid_sample(centred, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out.add_(GREY).round_().clamp_(0, 255).to(torch.uint8)
-
-
-def _shear(pixels: torch.Tensor, level: float, axis: int) -> torch.Tensor:
-    forward = np.eye(2, 3)
-    forward[axis, 1 - axis] = _signed(level / MAX_LEVEL * SHEAR_AT_MAX)
-    return _warp(pixels, forward)
 
 
 def _shift(pixels: torch.Tensor, shift: int, dim: int) -> torch.Tensor:
@@ -253,22 +315,17 @@ def _shift(pixels: torch.Tensor, shift: int, dim: int) -> torch.Tensor:
     return out
 
 
-def _translate(pixels: torch.Tensor, level: float, axis: int) -> torch.Tensor:
-    shift = -_signed(level / MAX_LEVEL * TRANSLATE_PIXELS)
-    if shift == int(shift):
-        return _shift(pixels, int(shift), dim=2 - axis)
-    forward = np.eye(2, 3)
-    forward[axis, 2] = shift
-    return _warp(pixels, forward)
+def _geometric(pixels: torch.Tensor, level: float, op: str) -> torch.Tensor:
+    height, width = pixels.shape[1:]
+    shift = _translation(level)
+    if op.startswith("Translate") and shift == int(shift):
+        return _shift(pixels, int(shift), dim=2 if op == "TranslateX" else 1)
+    theta = torch.tensor(warp_theta(affine_forward(op, level, width, height), width, height), dtype=torch.float32)
+    return warp_batch(pixels[None], theta[None])[0]
 
 
 def _rotate(pixels: torch.Tensor, level: float) -> torch.Tensor:
-    """Counter-clockwise by the angle about (W/2, H/2), as cv2.getRotationMatrix2D builds it."""
-    angle = math.radians(_signed(level / MAX_LEVEL * ROTATE_DEGREES_AT_MAX))
-    cos, sin = math.cos(angle), math.sin(angle)
-    cx, cy = pixels.shape[2] / 2, pixels.shape[1] / 2
-    forward = np.array([[cos, sin, (1 - cos) * cx - sin * cy], [-sin, cos, sin * cx + (1 - cos) * cy]])
-    return _warp(pixels, forward)
+    return _geometric(pixels, level, "Rotate")
 
 
 OPERATIONS = {
@@ -276,12 +333,8 @@ OPERATIONS = {
     "AutoContrast": _autocontrast,
     "Equalize": _equalize,
     "Brightness": _brightness,
-    "Sharpness": _sharpness,
-    "ShearX": lambda pixels, level: _shear(pixels, level, axis=0),
-    "ShearY": lambda pixels, level: _shear(pixels, level, axis=1),
-    "TranslateX": lambda pixels, level: _translate(pixels, level, axis=0),
-    "TranslateY": lambda pixels, level: _translate(pixels, level, axis=1),
-    "Rotate": _rotate,
+    "Sharpness": sharpness,
+    **{op: lambda pixels, level, op=op: _geometric(pixels, level, op) for op in sorted(GEOMETRIC_OPS)},
 }
 
 
@@ -302,11 +355,25 @@ class AlbefRandomAugment(torch.nn.Module):
             raise ValueError(f"unknown RandomAugment operation(s) {sorted(unknown)}; known: {list(OPERATIONS)}")
         self.num_ops, self.level, self.ops = num_ops, level, tuple(ops)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def draw(self) -> tuple[AugmentDraw, ...]:
+        """The choices, in the order ALBEF draws them: the N operations, then per operation whether it is applied
+        and, for an applied geometric one, its direction."""
+        draws = []
         for choice in torch.randint(len(self.ops), (self.num_ops,)).tolist():
-            if _chance(APPLY_PROBABILITY):
-                pixels = OPERATIONS[self.ops[choice]](pixels.contiguous(), self.level)
+            op = self.ops[choice]
+            applied = _chance(APPLY_PROBABILITY)
+            sign = -1 if applied and op in GEOMETRIC_OPS and _chance(0.5) else 1
+            draws.append(AugmentDraw(op, applied, sign))
+        return tuple(draws)
+
+    def apply(self, pixels: torch.Tensor, draws: tuple[AugmentDraw, ...]) -> torch.Tensor:
+        for draw in draws:
+            if draw.applied:
+                pixels = OPERATIONS[draw.op](pixels.contiguous(), draw.sign * self.level)
         return pixels
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.apply(pixels, self.draw())
 
     def extra_repr(self) -> str:
         return f"num_ops={self.num_ops}, level={self.level}, ops={list(self.ops)}"
@@ -321,14 +388,36 @@ class LazyDecodeCompose(T.Compose):
     decodes_lazily = True
 
 
+class AlbefTrainTransform(LazyDecodeCompose):
+    """The training pipeline. It draws every random choice first (`draw`, from the header alone) and then applies
+    them (`apply`): the same draws, in the same order, as its steps run one after the other would make. The device
+    path (gritvlp.data.encoded_images) draws with this same `draw` on the host."""
+
+    def __init__(self, crop, flip, augment, normalize):
+        super().__init__([t for t in (crop, flip, augment, normalize) if t is not None])
+        self.crop, self.flip, self.augment, self.normalize = crop, flip, augment, normalize
+
+    def draw(self, image: Image.Image) -> TrainDraw:
+        box = self.crop.draw(image)
+        flip = self.flip.draw() if self.flip is not None else False
+        return TrainDraw(box, flip, self.augment.draw() if self.augment is not None else ())
+
+    def apply(self, image: Image.Image, drawn: TrainDraw) -> torch.Tensor:
+        pixels = self.crop.apply(image, drawn.box)
+        pixels = pixels.flip(-1) if drawn.flip else pixels
+        if self.augment is not None:
+            pixels = self.augment.apply(pixels, drawn.augment)
+        return self.normalize(pixels)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.apply(image, self.draw(image))
+
+
 def train_transform(image_size: int, crop_scale=(0.2, 1.0), hflip=True, randaug_n=2, randaug_m=7) -> T.Compose:
-    ops = [ReducedDecodeRandomResizedCrop(image_size, tuple(crop_scale), interpolation=InterpolationMode.BICUBIC)]
-    if hflip:
-        ops.append(T.RandomHorizontalFlip())
-    if randaug_n > 0:
-        ops.append(AlbefRandomAugment(randaug_n, randaug_m))
-    ops.append(NormalizeUint8())
-    return LazyDecodeCompose(ops)
+    crop = ReducedDecodeRandomResizedCrop(image_size, tuple(crop_scale), interpolation=InterpolationMode.BICUBIC)
+    flip = HorizontalFlip() if hflip else None
+    augment = AlbefRandomAugment(randaug_n, randaug_m) if randaug_n > 0 else None
+    return AlbefTrainTransform(crop, flip, augment, NormalizeUint8())
 
 
 def eval_transform(image_size: int) -> T.Compose:
