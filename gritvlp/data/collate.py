@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import torch
 
+from gritvlp.data.encoded_images import EncodedBatch, EncodedImage
+
 
 class Collator:
     """Returns image [b,3,S,S], input_ids / attention_mask [b,L], index / group_id [b] (and caption_id [b] when the
     samples carry one), captions, and num_skipped (how many None samples were dropped). A batch of only None has
-    b == 0.
+    b == 0. Under data.image_decode=device the samples carry EncodedImage and image is an EncodedBatch (their JPEG
+    bytes and drawn parameters), which the step turns into the [b,3,S,S] tensor on the device.
 
     When a sample carries "concepts" ({"ids": [...], "probs": [...]}, the teacher's top classes written into the
     shard's KEY.json by scripts/precompute_concepts.py), the batch gets concept_ids [b, K] long and concept_probs
@@ -30,7 +33,7 @@ class Collator:
             tokens = self.tokenizer(
                 captions, padding="longest", truncation=True, max_length=self.max_tokens, return_tensors="pt"
             )
-            image = torch.stack([s["image"] for s in good])
+            image = _images(good)
             input_ids, attention_mask = tokens["input_ids"].long(), tokens["attention_mask"].long()
         else:
             image = torch.zeros(0, 3, 0, 0)
@@ -47,6 +50,14 @@ class Collator:
             **concept_targets(good),
             **(attribute_targets(good, self.num_attributes) if self.num_attributes else {}),
         }
+
+
+def _images(samples: list[dict]) -> torch.Tensor | EncodedBatch:
+    """The stacked images, or, under data.image_decode=device, an EncodedBatch that the step decodes on the device."""
+    images = [s["image"] for s in samples]
+    if isinstance(images[0], EncodedImage):
+        return EncodedBatch.collate(images, [s["index"] for s in samples])
+    return torch.stack(images)
 
 
 def caption_ids(samples: list[dict]) -> dict[str, torch.Tensor]:

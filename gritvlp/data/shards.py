@@ -212,7 +212,10 @@ class ShardDataset(torch.utils.data.Dataset):
             # default_generator only: torch.manual_seed would also reseed the trainer's CUDA generators
             torch.default_generator.manual_seed(augmentation_seed(self.seed, self.epoch, index))
             try:
-                image = self.transform(self._open_image(image_bytes))
+                image = self._open_image(image_bytes)
+                # data.image_decode=device: the transform passes the bytes on (gritvlp.data.encoded_images)
+                takes_bytes = getattr(self.transform, "takes_bytes", False)
+                image = self.transform(image, image_bytes) if takes_bytes else self.transform(image)
             except UndecodableImage as err:
                 return self._bad(index, f"undecodable image ({err})")
         sample = {"image": image, "caption": caption, "index": index, "group_id": int(self.group_ids[index]),
