@@ -230,6 +230,11 @@ class DataConfig:
     randaug_n: int = 2
     randaug_m: int = 7
     num_workers: int = 4
+    # Where training images are decoded and augmented. "cpu": in the loader workers. "device": the workers only
+    # read the JPEG header and draw the crop, flip and RandomAugment choices; each step decodes the batch's JPEGs
+    # with nvJPEG and augments them on its GPU (gritvlp.data.device_images), so far fewer CPU cores feed a GPU. For
+    # CUDA machines; without CUDA, "device" runs the same code on the CPU (tests). Evaluation decodes on the CPU.
+    image_decode: str = "cpu"
     # Folder of the binary sample index of the train and test shards (scripts/index_shards.py --out); created when
     # missing. None: `.gritvlp-index` beside the shards, else the user cache.
     index_dir: str | None = None
@@ -244,6 +249,8 @@ class DataConfig:
         _require(0 <= self.randaug_m <= 10, "data.randaug_m", "must lie in [0, 10] (ALBEF's magnitude scale)",
                  self.randaug_m)  # fmt: skip
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0", self.num_workers)
+        _require(self.image_decode in ("cpu", "device"), "data.image_decode", "must be 'cpu' or 'device'",
+                 self.image_decode)  # fmt: skip
         if self.index_dir is not None:
             folder = Path(self.index_dir).expanduser()
             _require(self.index_dir.strip() != "", "data.index_dir", "must name a folder (or be null)", self.index_dir)

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 from gritvlp.config import Config
 from gritvlp.data.collate import Collator
 from gritvlp.data.demo import ensure_demo_shards
+from gritvlp.data.encoded_images import HostDrawTransform
 from gritvlp.data.shards import ShardDataset
 from gritvlp.data.text import load_tokenizer
 from gritvlp.data.transforms import train_transform
@@ -49,6 +50,8 @@ def training_dataset(cfg: Config) -> ShardDataset:
     transform = train_transform(
         cfg.model.image_size, tuple(cfg.data.crop_scale), cfg.data.hflip, cfg.data.randaug_n, cfg.data.randaug_m
     )
+    if cfg.data.image_decode == "device":  # workers draw and pass the bytes on; the step decodes (train/step.py)
+        transform = HostDrawTransform(transform)
     pattern = training_shards(cfg)
     options = {
         "seed": cfg.train.seed,

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from gritvlp.data.device_images import decode_batch
+from gritvlp.data.encoded_images import EncodedBatch, EncodedImage
 from gritvlp.data.transforms import CLIP_MEAN, CLIP_STD
 
 THUMB = 96  # pixels per thumbnail side
@@ -21,8 +23,10 @@ CELL_WIDTH = THUMB * 2 + 8  # captions get twice the thumbnail's width
 TITLE_HEIGHT = 28  # two lines: the batch kind, then its pair counts
 
 
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """A normalised [3, S, S] tensor back to a thumbnail."""
+def to_pil(image: torch.Tensor | EncodedImage) -> Image.Image:
+    """A normalised [3, S, S] tensor (or an image still encoded, data.image_decode=device) back to a thumbnail."""
+    if isinstance(image, EncodedImage):
+        image = decode_batch(EncodedBatch.collate([image], [-1]), "cpu")[0]
     mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
     pixels = ((image.float().cpu() * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
     return Image.fromarray(pixels).resize((THUMB, THUMB))

@@ -13,6 +13,8 @@ import logging
 import torch
 import torch.distributed as dist
 
+from gritvlp.data.device_images import decode_batch
+
 log = logging.getLogger("gritvlp.train")
 MAX_CONSECUTIVE_BAD_STEPS = 20
 
@@ -39,12 +41,15 @@ def batch_or_fallback(host_batch: dict, fallback: dict | None) -> tuple[dict, bo
 
 def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     """Asynchronous copies: tensors the loader did not pin (the MLM inputs) are pinned first, because a copy
-    from pageable memory may make the host wait for the device."""
+    from pageable memory may make the host wait for the device. An EncodedBatch image is decoded and augmented on
+    the device (gritvlp.data.device_images)."""
 
     def pinned(t: torch.Tensor) -> torch.Tensor:
         return t.pin_memory() if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned() else t
 
     out = {k: pinned(v).to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+    if "image" not in out:  # data.image_decode=device: JPEG bytes and drawn parameters, decoded here
+        out["image"] = decode_batch(batch["image"], device)
     out["image"] = out["image"].to(dtype)
     return out
 
