@@ -11,13 +11,21 @@ Index: start-up time and resident memory (RSS) of a fresh process opening a synt
 samples (the columns of a real index, written directly), against the per-shard JSON indexes of the previous release
 read as it read them, measured at --json-samples and extrapolated linearly.
 
+Device decode (data.image_decode=device; --part device-decode, not part of "all"): on the same generated shards,
+(a) what one worker produces per second of CPU time when it only reads the bytes and the header and draws the
+parameters (the host half), beside the CPU path's full transform; (b) the device half (decode, crop, resize, flip,
+RandomAugment, normalise a batch) in samples/s on CUDA when present, else on this CPU (a CPU figure, not a GPU's);
+(c) the CPU cores per GPU that (a) needs for 4,000 samples/s. Written under "device_decode" with its own machine.
+
     python scripts/bench_data.py                          # both; JSON to benchmarks/data_cpu.json
     python scripts/bench_data.py --part index --index-sizes 4e6
+    python scripts/bench_data.py --part device-decode     # about a minute on a CPU
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import math
@@ -29,11 +37,13 @@ import sys
 import tarfile
 import tempfile
 import time
+import timeit
 from pathlib import Path
 
 import numpy as np
 
 TARGET_SAMPLES_PER_S = 2000  # per GPU
+DEVICE_TARGET_SAMPLES_PER_S = 4000  # per GPU, what a GPU step consumes at the top of its range
 SAMPLES_PER_SHARD = 10_000
 
 
@@ -142,7 +152,7 @@ def time_round(dataset, count: int) -> tuple[float, float]:
     """Samples per second of CPU time of this (single-threaded) process, and per second of wall time."""
     cpu, wall = time.process_time(), time.perf_counter()
     for i in range(count):
-        assert dataset[i] is not None
+        assert dataset[i % len(dataset)] is not None
     return count / (time.process_time() - cpu), count / (time.perf_counter() - wall)
 
 
@@ -196,6 +206,103 @@ def bench_loader(args, scratch: Path) -> list[dict]:
         )
         print(json.dumps(results[-1]), flush=True)
     return results
+
+
+# ---------------------------------------------------------------- decoding on the device (data.image_decode=device)
+
+
+def time_decode(batch, device, reps: int) -> float:
+    """Samples per second of the device half on one batch (the best of `reps`, after a warm-up)."""
+    import torch
+
+    from gritvlp.data.device_images import decode_batch
+
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    decode_batch(batch, device)
+    best = math.inf
+    for _ in range(reps):
+        synchronize()
+        start = time.perf_counter()
+        decode_batch(batch, device)
+        synchronize()
+        best = min(best, time.perf_counter() - start)
+    return len(batch) / best
+
+
+def agreement(train, batch, device) -> dict:
+    """The device half's output against the CPU path's for the same draws, in pixel levels (0-255). The CPU path
+    decodes large crops at a reduced DCT scale; nvJPEG's IDCT differs from libjpeg's: both show here."""
+    import torch
+    from PIL import Image
+
+    from gritvlp.data.device_images import decode_batch
+    from gritvlp.data.transforms import CLIP_STD
+
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    jpegs = batch.jpegs()
+    cpu = [train.apply(Image.open(io.BytesIO(jpegs[r].numpy().tobytes())), batch.draw(r)) for r in range(len(batch))]
+    diff = (decode_batch(batch, device).float().cpu() - torch.stack(cpu)).mul(std).abs().mul(255)
+    return {"mean_abs_levels": round(diff.mean().item(), 4), "p99_abs_levels": round(diff.quantile(0.99).item(), 3)}
+
+
+def bench_device_decode(args, scratch: Path) -> dict:
+    import torch
+
+    from gritvlp.data.encoded_images import EncodedBatch, HostDrawTransform
+    from gritvlp.data.shards import ShardDataset
+    from gritvlp.data.transforms import train_transform
+
+    torch.set_num_threads(1)  # one worker, one core; the device half on a CPU too (more threads contend here)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    batch_size = args.decode_batch or (256 if cuda else 32)
+    results = []
+    for width, height in args.sizes:
+        shard = scratch / f"photos-{width}x{height}.tar"
+        kb = write_shard(shard, width, height, args.samples, seed=width)
+        train = train_transform(args.image_size)
+        host = ShardDataset(str(shard), HostDrawTransform(train), index_dir=str(scratch / "index"))
+        cpu_path = ShardDataset(str(shard), train, index_dir=str(scratch / "index"))
+        for dataset in (host, cpu_path):
+            time_round(dataset, min(16, args.samples))
+        rounds = {"host": [], "cpu_path": []}
+        for _ in range(args.rounds):  # the host half is fast: each image is read several times per round
+            rounds["host"].append(time_round(host, 8 * args.samples)[0])
+            rounds["cpu_path"].append(time_round(cpu_path, args.samples)[0])
+        samples = [host[i % args.samples] for i in range(batch_size)]
+        images, indices = [s["image"] for s in samples], [s["index"] for s in samples]
+        collate = functools.partial(EncodedBatch.collate, images, indices)
+        collate_s = min(timeit.repeat(collate, number=1, repeat=args.rounds))
+        batch = collate()
+        batch = batch.pin_memory() if cuda else batch
+        device_rate = time_decode(batch, device, args.rounds)
+        check = agreement(train, batch, device)
+        # the host half per sample: the worker's read, header and draws, and its share of the batch's collation
+        host_rate = 1 / (1 / max(rounds["host"]) + collate_s / batch_size)
+        cpu_rate = max(rounds["cpu_path"])
+        results.append(
+            {
+                "image": f"{width}x{height}",
+                "jpeg_kb": round(kb, 1),
+                "host_samples_per_cpu_s": round(host_rate, 1),
+                "cpu_path_samples_per_cpu_s": round(cpu_rate, 1),
+                "device_samples_per_s": round(device_rate, 1),
+                "device_batch": batch_size,
+                "cpu_cores_per_gpu_for_4000": {
+                    "device_decode": math.ceil(DEVICE_TARGET_SAMPLES_PER_S / host_rate),
+                    "cpu_path": math.ceil(DEVICE_TARGET_SAMPLES_PER_S / cpu_rate),
+                },
+                "vs_cpu_path": check,
+            }
+        )
+        print(json.dumps(results[-1]), flush=True)
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    return {
+        "device": name,
+        "device_threads": None if cuda else 1,
+        "note": None if cuda else "device_samples_per_s ran on this CPU: it is not the GPU's figure",
+        "results": results,
+    }
 
 
 # ---------------------------------------------------------------- opening the index, binary vs JSON
@@ -395,8 +502,8 @@ def machine() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("loader", "index", "all"), default="all")
-    parser.add_argument("--samples", type=int, default=200, help="images per size (each read once per round)")
+    parser.add_argument("--part", choices=("loader", "index", "all", "device-decode"), default="all")
+    parser.add_argument("--samples", type=int, default=None, help="images per size (default 200; device-decode 32)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument(
@@ -408,9 +515,11 @@ def main() -> None:
         "--index-sizes", type=lambda s: [int(float(v)) for v in s.split(",")], default=[4_000_000, 400_000_000]
     )
     parser.add_argument("--json-samples", type=int, default=4_000_000)
+    parser.add_argument("--decode-batch", type=int, default=None, help="device-decode batch (256 on CUDA, else 32)")
     parser.add_argument("--scratch", default=None, help="folder for the shards and indexes (default: a temp folder)")
     parser.add_argument("--out", default="benchmarks/data_cpu.json")
     args = parser.parse_args()
+    args.samples = args.samples or (32 if args.part == "device-decode" else 200)
     scratch = Path(tempfile.mkdtemp(prefix="gritvlp-bench-data-", dir=args.scratch))
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {}
@@ -423,9 +532,15 @@ def main() -> None:
             }
         if args.part in ("index", "all"):
             result["index"] = {"command": " ".join(sys.argv), **bench_index(args, scratch)}
+        if args.part == "device-decode":
+            decode = bench_device_decode(args, scratch)
+            result["device_decode"] = {"command": " ".join(sys.argv), "image_size": args.image_size, **decode}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    result["machine"] = machine()
+    if args.part == "device-decode":
+        result["device_decode"]["machine"] = machine()  # the other parts' machine stays theirs
+    else:
+        result["machine"] = machine()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check in one command, for a CUDA machine without internet: the compiled kernels against the reference,
-# then the kernel, grouping and whole-step benchmarks. Each stage has its own time limit and a failing stage does
+# then the kernel, grouping and whole-step benchmarks, then the device-side image decode (nvJPEG, its tests and
+# scripts/bench_data.py --part device-decode). Each stage has its own time limit and a failing stage does
 # not stop the others; logs and JSON results land in $OUT as they come, a summary line per stage last.
 #
 #   OUT=gpu_check_out bash scripts/gpu_check.sh
@@ -8,7 +9,7 @@
 #
 # Packages the machine lacks (liger-kernel for the LM comparison) are installed from wheels in .whl/ when present.
 # Stage limits (seconds) can be changed with T_TESTS, T_ITC, T_LM, T_STEP, T_GROUPING,
-# T_STEP_COMPILED (the step with every transformer block compiled, train.compile=true).
+# T_STEP_COMPILED (the step with every transformer block compiled, train.compile=true), T_DECODE_TESTS, T_DECODE.
 #
 # The dry run runs the same stages on CPU (CUDA hidden), so that a stage an API change broke fails before the GPU
 # run: the smallest shapes and steps, the fused kernels through the Triton interpreter (the benchmarks' tiny
@@ -29,11 +30,13 @@ if [ "$DRY_RUN" = 1 ]; then
     OUT="${OUT:-$(mktemp -d -t gpu_check_dry_run.XXXXXX)}"
     export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1
     : "${T_TESTS:=120}" "${T_ITC:=300}" "${T_LM:=300}" "${T_GROUPING:=120}" "${T_STEP:=300}" "${T_STEP_COMPILED:=600}"
+    : "${T_DECODE_TESTS:=240}" "${T_DECODE:=120}"
     DEV=cpu
     KERNELS=(--skip-compile --quick --reps 1 --warmup 0)
     GROUPING=(--device cpu --bank 1920 --search-space 480 --batch-size 32 --reference-spaces 1 --repeats 1)
     STEP=(--config demo --batch 8 --device cpu --steps 1 --warmup 0 --breakdown-steps 1)
     STEP_COMPILED=(--config demo --batch 8 --device cpu --steps 1 --warmup 1)
+    DECODE=(--sizes 320x240 --samples 8 --rounds 1 --decode-batch 8)
     # python3 running the script named after it, with torch.compile's backend set to aot_eager
     COMPILING=(python3 -c 'import functools, runpy, sys, torch
 torch.compile = functools.partial(torch.compile, backend="aot_eager")
@@ -47,6 +50,7 @@ else
     GROUPING=(--device cuda --large --reference-spaces 5 --repeats 2)
     STEP=(--steps 10 --warmup 3)
     STEP_COMPILED=(--steps 10 --warmup 4)
+    DECODE=(--samples 64 --rounds 3)
     COMPILING=(python3)
 fi
 mkdir -p "$OUT"
@@ -93,6 +97,9 @@ stage step "${T_STEP:-60}" python3 scripts/bench_step.py "${STEP[@]}" --sync-che
     --profile "$OUT/step_profile.txt" --out "$OUT/step_$DEV.json"
 stage step_compiled "${T_STEP_COMPILED:-240}" "${COMPILING[@]}" scripts/bench_step.py --compile --variants plain,grit \
     "${STEP_COMPILED[@]}" --sync-check-steps 0 --breakdown-steps 0 --out "$OUT/step_${DEV}_compiled.json"
+stage decode_tests "${T_DECODE_TESTS:-120}" python3 -m pytest -q -p no:cacheprovider -rs tests/test_device_images.py
+stage data_decode "${T_DECODE:-300}" python3 scripts/bench_data.py --part device-decode "${DECODE[@]}" \
+    --out "$OUT/data_decode_$DEV.json"
 
 if [ "$DRY_RUN" = 1 ]; then
     # a benchmark records a failing implementation or variant as {"error": ...} and goes on: count those too

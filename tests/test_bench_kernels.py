@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench_kernels.py"
-STAGES = ["tests", "itc", "lm", "grouping", "step", "step_compiled", "results"]
+STAGES = ["tests", "itc", "lm", "grouping", "step", "step_compiled", "decode_tests", "data_decode", "results"]
 
 
 def load_script():
@@ -115,3 +115,6 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path):
     compiled = result("step_cpu_compiled.json")
     assert compiled["compile"] is True and set(compiled["variants"]) == {"plain", "grit"}
     assert all(v["step_s_median"] > 0 for v in compiled["variants"].values())
+    decode = result("data_decode_cpu.json")["device_decode"]
+    assert decode["device"] == "cpu" and decode["results"][0]["device_samples_per_s"] > 0
+    assert "skipped" in (out / "decode_tests.log").read_text()  # the nvJPEG test, without CUDA
