@@ -325,6 +325,18 @@ def test_trainer_data_path_gives_the_cpu_paths_batch(demo, tmp_path):
     assert diff.mean() < 0.1, diff.mean()
 
 
+def test_grouping_picture_decodes_encoded_samples():
+    from gritvlp.train.pictures import THUMB, to_pil
+
+    data = IMAGES["rgb_odd_97x61"]
+    train = tr.train_transform(SIZE)
+    torch.manual_seed(0)
+    thumb = to_pil(HostDrawTransform(train)(_open(data), data))
+    torch.manual_seed(0)
+    cpu = np.asarray(to_pil(train(_open(data))), np.float32)
+    assert thumb.size == (THUMB, THUMB) and np.abs(np.asarray(thumb, np.float32) - cpu).mean() < 0.1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvJPEG)")
 def test_nvjpeg_path_matches_cpu_path(full_decode):
     """The batched nvJPEG decode and the augmentation on the GPU against the CPU path: nvJPEG's IDCT and chroma
