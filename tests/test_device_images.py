@@ -310,7 +310,8 @@ def test_trainer_data_path_gives_the_cpu_paths_batch(demo, tmp_path):
     """training_dataset -> epoch_loader -> to_device, as the trainer runs them, with image_decode cpu and device."""
     batches = {}
     for mode in ("cpu", "device"):
-        overrides = [f"data.train_shards={demo}", "data.num_workers=0", f"data.index_dir={tmp_path}"]
+        workers = 1 if mode == "device" else 0  # a worker process: the encoded batch crosses to the trainer
+        overrides = [f"data.train_shards={demo}", f"data.num_workers={workers}", f"data.index_dir={tmp_path}"]
         cfg = load_config("demo", [*overrides, f"data.image_decode={mode}"])
         dataset = training_dataset(cfg)
         tokenizer, _ = tokenizer_and_special_tokens(cfg)

@@ -24,6 +24,7 @@ a grey image (128; it is still flipped, augmented and normalised), so the batch 
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 
@@ -60,7 +61,12 @@ def decode_batch(batch: EncodedBatch, device: torch.device | str) -> torch.Tenso
     flip = batch.flip.nonzero().flatten().to(device)
     pixels[flip] = pixels[flip].flip(-1)
     augment_batch(pixels, batch.ops, batch.applied, batch.signs, batch.level)
-    return NormalizeUint8().to(device)(pixels)
+    return _normalize(device)(pixels)
+
+
+@functools.lru_cache
+def _normalize(device: torch.device) -> NormalizeUint8:
+    return NormalizeUint8().to(device)
 
 
 def _crop_resize(image: torch.Tensor, box: list[int], size: int) -> torch.Tensor:
