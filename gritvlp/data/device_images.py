@@ -14,9 +14,9 @@ stays in torch, sharing the CPU path's definitions. DALI (nvidia-dali-cuda120 is
 version) decodes well, also with the A100/H100 hardware JPEG engine, but it runs its own pipeline and threads that
 would have to take over from the DataLoader and the GRIT sampler's order (or be fed through its external source),
 and ALBEF's operations (grey-filled OpenCV-style warps, PIL's equalisation and sharpness) would have to be rebuilt
-from its operators, which define them differently. torchvision 0.29 deprecates its image decoders for TorchCodec's
-(0.16 on: decode_jpeg, CPU and CUDA, the same arguments), not yet a dependency here: moving over changes `_decode`
-and `_decode_one` only.
+from its operators, which define them differently. torchvision 0.29 deprecates its image decoders in favour of
+TorchCodec's (decode_jpeg on CPU and CUDA from 0.16), not yet a dependency here: moving over changes `_decode` and
+`_decode_one` only.
 
 An image whose bytes the decoder rejects (its header parsed on the host) cannot be dropped any more: its caption is
 already in the batch. The batch is then decoded image by image to find it; it is logged, counted in
