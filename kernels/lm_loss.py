@@ -10,7 +10,8 @@ all in one reused [C, V_pad] buffer (V_pad: V rounded up to a multiple of 64):
   2. ``_ce_chunk_kernel``: one program per row: adds the bias, an online log-sum-exp over the V_pad columns (64-
      aligned rows and masks: 16-byte loads; the pad columns count as -inf), the loss (label smoothing as
      F.cross_entropy, over the true V) and, in the same launch, d loss / d logits written in place;
-  3. d hidden = dlogits @ W, d W += dlogits.T @ rows (in fp32 when several chunks add up), d b += sum(dlogits).
+  3. d hidden = dlogits @ W, d W += dlogits.T @ rows (in fp32 when several chunks add up, or in bf16 with
+     weight_grad_accumulation="bf16" and bf16 weights), d b += sum(dlogits).
 
 Design choice: the gradients are computed in the forward pass and stored (as Liger's fused linear
 cross-entropy does), not recomputed chunk-wise in backward: three GEMMs per chunk instead of four, and the
@@ -40,6 +41,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #          and its bf16 cast (47 MB) coexist, so 153 MB = 5.4 % of eager at 7.7k is the floor whatever C is.
 # 64 MiB: 1024-row chunks, 8 at 7.7k rows: 168 MB = 6.0 % of eager, 2.2x faster (measured); 4.1 % at the
 # benchmark's 15.4k rows. 128 MiB (4 chunks) would be 0.7 ms faster at 7.7k rows but 9 % of eager.
+# weight_grad_accumulation="bf16" sums d W in bf16 (47 MB, no cast in backward): 118 MB = 4.2 % of eager at 7.7k,
+# for one bf16 rounding of the running sum per chunk (8 at 7.7k rows; eager rounds its single product once).
 _CHUNK_BYTES = 64 * 2**20
 _ROW_TILE = 128  # rows per chunk: a multiple of the GEMM tile
 _VOCAB_ALIGN = 64  # buffer rows padded to 64 elements (vector loads); GEMMs split at it (Hopper cuBLAS kernels)
@@ -102,9 +105,10 @@ def _ce_chunk_kernel(
 _ADDMM_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")
 
 
-def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b; for half a, b on CUDA one GEMM with an fp32 output, without a [V, H] temporary."""
-    if a.dtype == torch.float32:
+def _addmm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, acc in a's dtype or fp32; for half a, b and an fp32 acc on CUDA one GEMM with an fp32 output,
+    without a [V, H] temporary."""
+    if a.dtype == acc.dtype:  # the GEMM accumulates in fp32 and rounds the sum once, into acc's dtype
         acc.addmm_(a, b)
     elif acc.is_cuda and _ADDMM_OUT_DTYPE:
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
@@ -150,10 +154,19 @@ def _grad_rows_into(out: torch.Tensor, dlogits: torch.Tensor, weight: torch.Tens
         out.addmm_(dlogits[:, part], weight[part])
 
 
+def _grad_weight_buffer(weight: torch.Tensor, several: bool, accumulation: str) -> torch.Tensor:
+    """d W's storage: a single chunk writes it in the weight dtype, as eager does; several chunks sum into fp32,
+    or into the bf16 weight's own dtype with accumulation="bf16" (half the memory, no cast in backward)."""
+    if not several:
+        return torch.empty_like(weight)
+    in_bf16 = accumulation == "bf16" and weight.dtype == torch.bfloat16
+    return torch.zeros_like(weight, dtype=weight.dtype if in_bf16 else torch.float32)
+
+
 def _grad_weight_into(grad_weight, dlogits, rows, parts: list[slice], accumulate: bool) -> None:
     for part in parts:
         if accumulate:
-            _addmm_fp32(grad_weight[part], dlogits[:, part].t(), rows)
+            _addmm_into(grad_weight[part], dlogits[:, part].t(), rows)
         else:
             torch.mm(dlogits[:, part].t(), rows, out=grad_weight[part])
 
@@ -177,7 +190,9 @@ def _labelled_rows(labels: torch.Tensor, ignore_index: int | None):
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, label_smoothing, compute_grad):
+    def forward(
+        ctx, hidden, weight, bias, labels, ignore_index, label_smoothing, weight_grad_accumulation, compute_grad
+    ):
         flat = hidden.reshape(-1, hidden.shape[-1])
         targets, idx = _labelled_rows(labels.reshape(-1), ignore_index)
         n, vocab = targets.numel(), weight.shape[0]
@@ -194,10 +209,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         buf = _logits_buffer(chunk, vocab, flat)
         bias_pad = None if bias is None else F.pad(bias, (0, buf.shape[1] - vocab))
         grad_rows = flat.new_empty(n, flat.shape[1]) if needs_h else None
-        several = n > chunk  # d W sums over chunks in fp32; a single chunk writes it in the weight dtype, as eager
-        grad_weight = None
-        if needs_w:
-            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if several else torch.empty_like(weight)
+        several = n > chunk
+        grad_weight = _grad_weight_buffer(weight, several, weight_grad_accumulation) if needs_w else None
         grad_bias = torch.zeros(vocab, device=weight.device, dtype=torch.float32) if needs_b else None
         loss_rows = torch.empty(n, device=hidden.device, dtype=torch.float32)
         for start in range(0, n, chunk):
@@ -226,7 +239,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         n, shape, w_dtype = ctx.meta
         if n == 0:  # no labelled row: zero gradients, so every rank runs the same backward
             zeros = [torch.zeros(s, device=grad_out.device, dtype=d) for s, d in ctx.zero_like]
-            return *zeros, None, None, None, None
+            return *zeros, None, None, None, None, None
         if ctx.used:
             raise RuntimeError("the fused LM loss stores its gradients once: backward through it only once")
         ctx.used = True
@@ -238,7 +251,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             grad_weight = grad_weight.mul_(scale).to(w_dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.mul_(scale).to(w_dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
 def _autocast_inputs(hidden, weight, bias):
@@ -262,8 +275,9 @@ def lm_loss(inputs: LMInputs) -> torch.Tensor:
     compute_grad = torch.is_grad_enabled() and any(t.requires_grad for t in params)
     with torch.autocast(hidden.device.type, enabled=False):  # the inputs are cast already: run them as they are
         return FusedLinearCrossEntropy.apply(
-            hidden, weight, bias, inputs.labels, inputs.ignore_index, inputs.label_smoothing, compute_grad
-        )
+            hidden, weight, bias, inputs.labels, inputs.ignore_index, inputs.label_smoothing,
+            inputs.weight_grad_accumulation, compute_grad,
+        )  # fmt: skip
 
 
 def sm90_cases() -> list[dict]:

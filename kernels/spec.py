@@ -39,6 +39,10 @@ LM (masked-token cross-entropy of hidden @ weight.T + bias against labels, mean 
   (compacted by the caller) and nothing waits for the device; otherwise the rows labelled ignore_index are
   dropped first, which synchronises with the host. With no labelled row the loss is 0, still connected to
   the graph, so every rank runs the same backward.
+  weight_grad_accumulation ("fp32" | "bf16"): where an implementation sums d weight over chunks of rows, the
+  dtype of that sum. "bf16" applies to bf16 weights only (half the memory of the fp32 sum, one bf16 rounding per
+  chunk); fp16 weights always sum in fp32 (fp16's range), fp32 weights in fp32. The reference computes d weight in
+  one product and ignores it.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from dataclasses import dataclass
 import torch
 
 NEGATIVE_MODES = ("hardest", "sample", "none")
+WEIGHT_GRAD_ACCUMULATIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,7 @@ class LMInputs:
     labels: torch.Tensor
     ignore_index: int | None
     label_smoothing: float
+    weight_grad_accumulation: str = "fp32"
 
 
 def itc_inputs(
@@ -183,6 +189,7 @@ def lm_inputs(
     *,
     ignore_index: int | None = -100,
     label_smoothing: float = 0.0,
+    weight_grad_accumulation: str = "fp32",
 ) -> LMInputs:
     """Shapes and smoothing checked on the host; the label range on the device (torch._assert_async), so the
     host never waits: on CPU a bad label raises RuntimeError here, on CUDA a device-side assert fails the step."""
@@ -192,10 +199,13 @@ def lm_inputs(
         raise ValueError(f"weight must be [V, {hidden.shape[-1]}], got {tuple(weight.shape)}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+    if weight_grad_accumulation not in WEIGHT_GRAD_ACCUMULATIONS:
+        raise ValueError(f"weight_grad_accumulation must be one of {WEIGHT_GRAD_ACCUMULATIONS}, "
+                         f"got {weight_grad_accumulation!r}")  # fmt: skip
     vocab = weight.shape[0]
     valid = (labels >= 0) & (labels < vocab)
     if ignore_index is not None:
         valid |= labels == ignore_index
     ignored = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
     torch._assert_async(valid.all(), f"labels must lie in [0, {vocab}){ignored}")
-    return LMInputs(hidden, weight, bias, labels, ignore_index, float(label_smoothing))
+    return LMInputs(hidden, weight, bias, labels, ignore_index, float(label_smoothing), weight_grad_accumulation)

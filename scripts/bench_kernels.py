@@ -222,12 +222,14 @@ def itc_loss(backend):
     return loss
 
 
-def lm_loss(backend):
-    """The masked-LM loss on rows that are all labelled, as the training step hands them over (ignore_index=None)."""
+def lm_loss(backend, weight_grad_accumulation="fp32"):
+    """The masked-LM loss on rows that are all labelled, as the training step hands them over (ignore_index=None);
+    weight_grad_accumulation as objectives.lm_weight_grad_accumulation."""
     from gritvlp import kernels
 
     def loss(hidden, weight, bias, labels):
-        return kernels.lm_loss(hidden, weight, bias, labels, backend=backend, ignore_index=None)
+        return kernels.lm_loss(hidden, weight, bias, labels, backend=backend, ignore_index=None,
+                               weight_grad_accumulation=weight_grad_accumulation)  # fmt: skip
 
     return loss
 
@@ -247,6 +249,7 @@ def lm_impls(args, device, fused):
     impls = {"eager": autocast_bf16(lm_loss("reference"), device)}
     if fused:
         impls["fused"] = lm_loss("triton")
+        impls["fused_bf16_sum"] = lm_loss("triton", "bf16")  # d W summed in bf16 (with bf16 weights; else fp32)
     if not args.skip_compile:
         impls["compile"] = autocast_bf16(torch.compile(lm_loss("reference")), device)
     if device.type == "cuda" and not args.no_liger:
@@ -280,7 +283,7 @@ def suite_plan(cases, impls, interpreted_cases, interpreted):
     """(case, implementations) pairs: under the CPU interpreter the fused kernel runs on the tiny shapes only."""
     if not interpreted:
         return [(case, impls) for case in cases]
-    unfused = {name: fn for name, fn in impls.items() if name != "fused"}
+    unfused = {name: fn for name, fn in impls.items() if not name.startswith("fused")}
     return [(case, impls) for case in interpreted_cases] + [(case, unfused) for case in cases]
 
 

@@ -9,6 +9,7 @@ Vocabularies that are not multiples of 64 (37, 41, 53, 133) leave pad columns in
 """
 
 import importlib
+import weakref
 
 import gritvlp.kernels as kernels
 import pytest
@@ -209,15 +210,78 @@ def test_chunks_at_training_size():
     assert lm._chunk_rows(100, vocab_pad, 2) == 100  # fewer rows than a chunk: one chunk of exactly those
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_addmm_fp32_accumulates(dtype):
+@pytest.mark.parametrize(
+    "dtype, acc_dtype", [(torch.float32,) * 2, (torch.float16, torch.float32), (torch.bfloat16,) * 2]
+)
+def test_addmm_into_accumulates(dtype, acc_dtype):
     g = torch.Generator().manual_seed(7)
     a, b = torch.randn(6, 4, generator=g).to(dtype), torch.randn(4, 3, generator=g).to(dtype)
-    acc = torch.randn(6, 3, generator=g)
-    expected = acc + a.float() @ b.float()
-    lm._addmm_fp32(acc, a, b)
-    assert acc.dtype == torch.float32
-    torch.testing.assert_close(acc, expected, rtol=1e-3, atol=1e-3)
+    acc = torch.randn(6, 3, generator=g).to(acc_dtype)
+    expected = acc.float() + a.float() @ b.float()
+    lm._addmm_into(acc, a, b)
+    assert acc.dtype == acc_dtype
+    tol = 2e-2 if acc_dtype == torch.bfloat16 else 1e-3
+    torch.testing.assert_close(acc.float(), expected, rtol=tol, atol=tol)
+
+
+class LiveStorage(TorchDispatchMode):
+    """Peak bytes of tensor storage created under the mode and still alive."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak = {}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key not in self.live:
+                    self.live[key] = storage.nbytes()
+                    weakref.finalize(storage, self.live.pop, key, None)
+        self.peak = max(self.peak, sum(self.live.values()))
+        return out
+
+
+@pytest.mark.parametrize("accumulation", ["fp32", "bf16"])
+def test_bf16_weight_gradient_accumulation(accumulation, monkeypatch):
+    """bf16 weights, several chunks: d W sums in fp32 (then cast) or, with "bf16", in the weight dtype itself;
+    both match the reference within bf16's tolerance."""
+    case = make_case(shape=(24,), hidden=8, vocab=133, dtype=torch.bfloat16, frac=1.0, seed=11)
+    force_chunk_rows(monkeypatch, 5)
+    made, make = [], lm._grad_weight_buffer
+    monkeypatch.setattr(lm, "_grad_weight_buffer", lambda *a: made.append(make(*a)) or made[-1])
+    kwargs = {"ignore_index": None, "label_smoothing": 0.1}
+    loss, grads = run(fused_lm_loss, case, weight_grad_accumulation=accumulation, **kwargs)
+    ref_loss, ref_grads = run(reference_lm_loss, case, **kwargs)
+    assert made[0].dtype == (torch.bfloat16 if accumulation == "bf16" else torch.float32)
+    torch.testing.assert_close(loss, ref_loss, rtol=TOL[torch.bfloat16][0], atol=1e-6)
+    assert_close_grads(ref_grads, grads, TOL[torch.bfloat16][1])
+
+
+def test_bf16_accumulation_saves_the_fp32_sum(monkeypatch):
+    """Peak storage of forward + backward: the bf16 sum saves at least the 2 V H bytes an fp32 sum adds over it
+    (4 V H against 2 V H in forward; in backward the fp32 sum and its bf16 cast coexist: 6 V H)."""
+    hidden, vocab = 16, 256
+    case = make_case(shape=(40,), hidden=hidden, vocab=vocab, dtype=torch.bfloat16, frac=1.0, seed=4)
+    force_chunk_rows(monkeypatch, 8)
+    peaks = {}
+    for accumulation in ("fp32", "bf16"):
+        h, w, b, labels = (x.clone().requires_grad_() if x.is_floating_point() else x for x in case)
+        with LiveStorage() as tracker:
+            fused_lm_loss(h, w, b, labels, ignore_index=None, weight_grad_accumulation=accumulation).backward()
+        peaks[accumulation] = tracker.peak
+    assert peaks["fp32"] - peaks["bf16"] >= 2 * vocab * hidden
+
+
+def test_fp16_weights_always_sum_in_fp32(monkeypatch):
+    """fp16's range: the "bf16" option leaves fp16 (and fp32) weights summing in fp32."""
+    force_chunk_rows(monkeypatch, 4)
+    for dtype in (torch.float16, torch.float32):
+        w = torch.zeros(5, 3, dtype=dtype)
+        assert lm._grad_weight_buffer(w, True, "bf16").dtype == torch.float32
+        assert lm._grad_weight_buffer(w, False, "bf16").dtype == dtype  # one chunk: written once, as eager
 
 
 @pytest.mark.parametrize("ignore_index", [-100, None])
@@ -253,6 +317,8 @@ def test_invalid_inputs():
         fused_lm_loss(h, w, b, labels[:, :-1])
     with pytest.raises(ValueError, match="label_smoothing"):
         fused_lm_loss(h, w, b, labels, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="weight_grad_accumulation"):
+        fused_lm_loss(h, w, b, labels, weight_grad_accumulation="fp16")
     loss = fused_lm_loss(h.requires_grad_(), w, b, labels)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="only once"):

@@ -135,14 +135,19 @@ def flm_states(model, batch: dict, image_embeds: torch.Tensor) -> tuple[torch.Te
     return model.reconstruct(contexts, visible), states[-1][:b], states[-1][b:]
 
 
-def flm_losses(model, batch: dict, image_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+def flm_losses(
+    model, batch: dict, image_embeds: torch.Tensor, weight_grad_accumulation: str = "fp32"
+) -> dict[str, torch.Tensor]:
     """FLM's three losses and their mean ('flm'), through the fused LM loss on the host-chosen rows."""
     queries, forward, backward = flm_states(model, batch, image_embeds)
-    head = model.mlm_head
+
+    def loss(states, positions, targets):
+        return masked_lm_loss(model.mlm_head, states, positions, targets, None, weight_grad_accumulation)
+
     terms = {
-        "flm_reconstruction": masked_lm_loss(head, queries, batch["flm_positions"], batch["flm_targets"]),
-        "flm_next": masked_lm_loss(head, forward, batch["flm_next_positions"], batch["flm_targets"]),
-        "flm_previous": masked_lm_loss(head, backward, batch["flm_prev_positions"], batch["flm_prev_targets"]),
+        "flm_reconstruction": loss(queries, batch["flm_positions"], batch["flm_targets"]),
+        "flm_next": loss(forward, batch["flm_next_positions"], batch["flm_targets"]),
+        "flm_previous": loss(backward, batch["flm_prev_positions"], batch["flm_prev_targets"]),
     }
     terms["flm"] = sum(terms.values()) / 3
     return terms

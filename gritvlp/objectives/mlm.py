@@ -77,15 +77,18 @@ def masked_lm_loss(
     positions: torch.Tensor,
     targets: torch.Tensor,
     extra: tuple[torch.Tensor, torch.Tensor] | None = None,
+    weight_grad_accumulation: str = "fp32",
 ) -> torch.Tensor:
     """Cross-entropy of the labelled tokens: fusion states [B, L, H] gathered at the host-computed flat positions
     [n] (a fixed-size index_select: nothing waits for the device to count them), the head's transform, then the
     fused vocabulary projection + cross-entropy, told every row is labelled (ignore_index=None). extra: more
-    labelled (states [m, H], targets [m]) in the same mean (the mined pairs' tokens, see pair_tokens)."""
+    labelled (states [m, H], targets [m]) in the same mean (the mined pairs' tokens, see pair_tokens).
+    weight_grad_accumulation: objectives.lm_weight_grad_accumulation (kernels/spec.py)."""
     rows = fused.reshape(-1, fused.shape[-1]).index_select(0, positions)
     if extra is not None:
         rows, targets = torch.cat([rows, extra[0]]), torch.cat([targets, extra[1]])
-    return lm_loss(mlm_head(rows), mlm_head.decoder_weight, mlm_head.bias, targets, ignore_index=None)
+    return lm_loss(mlm_head(rows), mlm_head.decoder_weight, mlm_head.bias, targets, ignore_index=None,
+                   weight_grad_accumulation=weight_grad_accumulation)  # fmt: skip
 
 
 def pair_tokens(

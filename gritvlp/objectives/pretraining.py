@@ -138,7 +138,8 @@ class PretrainingObjective(nn.Module):
                 total = total + self.text_scale * cfg.mlm_weight * out["mlm"]
         if self.runs_flm:
             with record_function("gritvlp.flm"):
-                flm_terms = flm_losses(model, self._with_inputs(batch, FLM_KEYS), image_embeds)
+                flm_terms = flm_losses(model, self._with_inputs(batch, FLM_KEYS), image_embeds,
+                                       cfg.lm_weight_grad_accumulation)  # fmt: skip
                 out.update({k: v if k == "flm" else v.detach() for k, v in flm_terms.items()})
                 total = total + self.text_scale * cfg.flm_weight * out["flm"]
         if model.concept_head is not None:
@@ -255,7 +256,8 @@ class PretrainingObjective(nn.Module):
             if text_rows.numel():
                 pair_fused = self.model.fuse(masked[text_rows], mask[text_rows], image_embeds[image_rows])
                 extra = pair_tokens(pair_fused, text_rows, batch["mlm_positions"], batch["mlm_targets"], len(masked))
-        return masked_lm_loss(self.model.mlm_head, fused, batch["mlm_positions"], batch["mlm_targets"], extra)
+        return masked_lm_loss(self.model.mlm_head, fused, batch["mlm_positions"], batch["mlm_targets"], extra,
+                              self.config.lm_weight_grad_accumulation)  # fmt: skip
 
 
 def _group_ids(batch: dict) -> torch.Tensor:
