@@ -12,7 +12,8 @@ import torch.nn as nn
 
 from gritvlp.config import ConfigError, load_config
 from gritvlp.model.gritvlp import GritVLP
-from gritvlp.train.engine import linear_with_warmup, lr_group, parameter_groups
+from gritvlp.train import engine as engine_module
+from gritvlp.train.engine import linear_with_warmup, load_ds_config, lr_group, parameter_groups
 
 REPO = Path(__file__).resolve().parents[1]
 FLM = {"heads": 5.0, "fusion": 5.0, "reconstructor": 5.0}
@@ -93,7 +94,8 @@ rates = []
 for _ in range(3):
     rates.append([g["lr"] for g in engine.optimizer.param_groups])
     engine.lr_scheduler.step()
-print(json.dumps(rates))
+adam = engine.optimizer.optimizer
+print(json.dumps({"rates": rates, "optimizer": type(adam).__name__, "fused": adam.defaults.get("fused")}))
 """
 
 
@@ -106,7 +108,39 @@ def test_deepspeed_keeps_each_groups_rate_and_schedules_all_alike(tmp_path):
     result = subprocess.run([sys.executable, "-c", DEEPSPEED_CHECK, str(tmp_path / "ds.json")], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    rates = json.loads(result.stdout.strip().splitlines()[-1])
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["optimizer"] == "AdamW" and report["fused"] is True  # torch's fused AdamW under ZeRO on CPU
+    rates = report["rates"]
     for step, factor in enumerate((1.0, 0.9, 0.8)):
         assert rates[step][:2] == pytest.approx([1e-4 * factor] * 2)  # base groups
         assert rates[step][2:] == pytest.approx([5e-4 * factor] * (len(rates[step]) - 2))
+
+
+def write_ds_config(tmp_path, **optimizer_params) -> Path:
+    config = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    config["optimizer"]["params"].update(optimizer_params)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("buildable", [True, False])
+def test_torch_fused_adamw_where_deepspeed_fused_adam_cannot_build(tmp_path, monkeypatch, buildable):
+    """CUDA: DeepSpeed's FusedAdam when it is prebuilt or buildable, torch's fused AdamW otherwise; CPU: always
+    torch's. bf16 stays on with CUDA only."""
+    monkeypatch.setattr(engine_module, "deepspeed_fused_adam_available", lambda: buildable)
+    path = write_ds_config(tmp_path)
+    cuda = load_ds_config(path, use_cuda=True)["optimizer"]["params"]
+    assert ("torch_adam" not in cuda and "fused" not in cuda) if buildable else cuda["torch_adam"] and cuda["fused"]
+    cpu = load_ds_config(path, use_cuda=False)
+    assert cpu["optimizer"]["params"]["torch_adam"] and cpu["optimizer"]["params"]["fused"]
+    assert not cpu["bf16"]["enabled"] and load_ds_config(path, use_cuda=True)["bf16"]["enabled"]
+
+
+def test_an_explicit_optimizer_choice_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(engine_module, "deepspeed_fused_adam_available", lambda: False)
+    params = load_ds_config(write_ds_config(tmp_path, torch_adam=False), use_cuda=True)["optimizer"]["params"]
+    assert params["torch_adam"] is False and "fused" not in params
+    offload = json.loads((REPO / "ds_configs" / "zero2_offload.json").read_text())["optimizer"]["params"]
+    params = load_ds_config(REPO / "ds_configs" / "zero2_offload.json", use_cuda=False)["optimizer"]["params"]
+    assert params == offload  # DeepSpeed's CPU Adam serves an offloaded optimizer

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -40,12 +41,47 @@ def load_ds_config(path: str | Path, use_cuda: bool, lr: float | None = None) ->
             if config.get(precision, {}).get("enabled"):
                 log.warning("no CUDA device: %s disabled, training in fp32 on CPU", precision)
                 config[precision]["enabled"] = False
-        optimizer = config.get("optimizer")
-        if optimizer and optimizer.get("type", "").lower() in ("adam", "adamw"):
-            zero = config.get("zero_optimization", {})
-            if not zero.get("offload_optimizer", {}).get("device") == "cpu":
-                optimizer.setdefault("params", {})["torch_adam"] = True  # fused CUDA Adam is unavailable
+    _choose_adam(config, use_cuda)
     return config
+
+
+def _choose_adam(config: dict, use_cuda: bool) -> None:
+    """Adam(W) on the device without DeepSpeed's compiled FusedAdam where it cannot run: torch's fused AdamW (one
+    kernel over each flat ZeRO partition, the same decoupled weight decay). Always on CPU; on CUDA when FusedAdam is
+    neither prebuilt nor buildable here (no nvcc: pip-installed CUDA has none), where DeepSpeed would otherwise fail
+    at start-up. A config that sets torch_adam itself is left as it is; CPU-offloaded optimizers are DeepSpeed's."""
+    optimizer = config.get("optimizer")
+    if not optimizer or optimizer.get("type", "").lower() not in ("adam", "adamw"):
+        return
+    params = optimizer.setdefault("params", {})
+    offloaded = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
+    if offloaded or "torch_adam" in params or (use_cuda and deepspeed_fused_adam_available()):
+        return
+    params.update(torch_adam=True, fused=True)
+    if use_cuda:
+        log.info("DeepSpeed's FusedAdam cannot be built here (no prebuilt op, no nvcc): torch's fused AdamW instead")
+
+
+def deepspeed_fused_adam_available() -> bool:
+    """Whether DeepSpeed's FusedAdam can run: prebuilt into the installed DeepSpeed, or compilable now (a CUDA
+    toolkit whose nvcc has torch's CUDA major version, ninja, and the builder's own check)."""
+    try:
+        from deepspeed.git_version_info import installed_ops
+        from deepspeed.ops.op_builder import FusedAdamBuilder
+        from deepspeed.ops.op_builder.builder import installed_cuda_version
+        from torch.utils.cpp_extension import CUDA_HOME, is_ninja_available
+    except ImportError:
+        return False
+    if installed_ops.get("fused_adam"):
+        return True
+    nvcc = CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc")
+    if not nvcc or not os.access(nvcc, os.X_OK) or not is_ninja_available() or not torch.version.cuda:
+        return False
+    try:
+        same_major = installed_cuda_version()[0] == int(torch.version.cuda.split(".")[0])
+        return same_major and bool(FusedAdamBuilder().is_compatible(verbose=False))
+    except Exception:  # noqa: BLE001 - a toolkit that cannot even be probed cannot build the op
+        return False
 
 
 def zero_stage(ds_config: dict) -> int:
