@@ -25,6 +25,9 @@ class VisionEncoder(nn.Module):
         if not hasattr(self.vit, "forward_features") or not hasattr(self.vit, "pos_embed"):
             raise ValueError(f"'{name}' is not a timm Vision Transformer")
         self.width = self.vit.num_features
+        if not all(m.fused_attn for m in self.vit.modules() if hasattr(m, "fused_attn")):
+            log.warning("the ViT's fused attention is off (timm: TIMM_FUSED_ATTN=0 or exportable mode): every "
+                        "block materialises its attention scores, slower and with more memory")  # fmt: skip
         if weights:
             self.load_weights(weights)
 
