@@ -94,6 +94,9 @@ def parse_args(argv):
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant first (default 5)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="autocast dtype; CUDA bf16, CPU fp32")
+    parser.add_argument("--params", choices=["fp32", "bf16"], default="fp32",
+                        help="fp32: fp32 parameters under autocast (a PyTorch AMP step); bf16: bf16 parameters and "
+                             "fp32 master weights, no autocast (DeepSpeed's bf16 engine, as the trainer runs)")  # fmt: skip
     parser.add_argument("--ds-config", type=Path, default=ROOT / "ds_configs" / "zero2.json")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by name)")
     parser.add_argument(
@@ -177,14 +180,17 @@ class SyntheticBatches:
 
 # -- one training step -------------------------------------------------------------------------------------------------
 class AutocastEngine:
-    """The two calls of a DeepSpeed engine that the trainer's micro-step makes: forward under autocast, backward."""
+    """The two calls of a DeepSpeed engine that the trainer's micro-step makes: forward (under autocast when the
+    parameters are fp32 and the step's dtype is not), backward."""
 
     def __init__(self, objective: PretrainingObjective, dtype: torch.dtype, device: torch.device):
         self.objective, self.dtype, self.device = objective, dtype, device
+        fp32_params = next(objective.parameters()).dtype == torch.float32
+        self.autocast = fp32_params and dtype != torch.float32
 
     def __call__(self, batch: dict) -> dict:
         with record_function("gritvlp.forward"):
-            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
                 return self.objective(batch)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -192,25 +198,53 @@ class AutocastEngine:
             loss.backward()
 
 
+class MasterWeights:
+    """fp32 master copies of bf16 parameters, as DeepSpeed's bf16 engine keeps them: each step casts the gradients
+    into the masters' .grad, the optimizer updates the masters, and they are copied (cast) back into the parameters."""
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params = params
+        self.masters = [p.detach().float().clone().requires_grad_() for p in params]
+        self.of = {id(p): m for p, m in zip(params, self.masters)}
+
+    def groups(self, groups: list[dict]) -> list[dict]:
+        """The optimizer's parameter groups over the masters."""
+        return [{**g, "params": [self.of[id(p)] for p in g["params"]]} for g in groups]
+
+    def gradients_in(self) -> None:
+        for p, m in zip(self.params, self.masters):
+            m.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+
+    @torch.no_grad()
+    def weights_out(self) -> None:
+        torch._foreach_copy_([p.data for p in self.params], self.masters)
+
+
 @dataclasses.dataclass
 class StepRunner:
     engine: AutocastEngine
     optimizer: torch.optim.Optimizer
-    params: list
+    params: list  # what the optimizer updates: the parameters, or their fp32 masters
     clip: float
     bank: FeatureBank | None
     batches: SyntheticBatches
     guard: NonFiniteGuard
+    masters: MasterWeights | None = None
 
     def __call__(self, step: int) -> None:
         with record_function("gritvlp.data"):
             batch = self.batches(step)
         out, finite = forward_backward(self.engine, batch, True, self.guard)
         with record_function("gritvlp.optimizer"):
+            if self.masters is not None:
+                self.masters.gradients_in()
             if self.clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.masters is not None:
+                self.masters.weights_out()
         if self.bank is not None:
             with record_function("gritvlp.bank"):
                 if len(self.bank) + batch["index"].numel() > self.bank.capacity:
@@ -223,15 +257,21 @@ def build_runner(cfg, variant: dict, args, device, dtype, settings) -> StepRunne
     objectives = dataclasses.replace(cfg.objectives, **variant["objectives"])
     miner = ConnectionMiner(GritVLP(cfg.model).to(device), low=0.5, high=0.8) if variant.get("mining") else None
     objective = PretrainingObjective(GritVLP(cfg.model), objectives, miner=miner).to(device).train()
+    groups = parameter_groups(objective, settings["weight_decay"])
+    masters = None
+    if args.params == "bf16":  # as DeepSpeed's bf16 engine converts the module, with fp32 masters for the optimizer
+        objective = objective.bfloat16()
+        masters = MasterWeights([p for g in groups for p in g["params"]])
+        groups = masters.groups(groups)
     optimizer = torch.optim.AdamW(
-        parameter_groups(objective, settings["weight_decay"]), lr=settings["lr"], betas=settings["betas"],
-        eps=settings["eps"], fused=True,
+        groups, lr=settings["lr"], betas=settings["betas"], eps=settings["eps"], fused=True
     )  # fmt: skip
     bank = FeatureBank(cfg.sampling.bank_size) if variant["bank"] else None
     batches = SyntheticBatches(objective, args.batch, cfg.data.max_tokens, device, dtype)
-    params = [p for p in objective.parameters() if p.requires_grad]
+    params = [p for g in groups for p in g["params"]]
     engine = AutocastEngine(objective, dtype, device)
-    return StepRunner(engine, optimizer, params, settings["gradient_clipping"], bank, batches, NonFiniteGuard(device))
+    return StepRunner(engine, optimizer, params, settings["gradient_clipping"], bank, batches, NonFiniteGuard(device),
+                      masters)  # fmt: skip
 
 
 # -- measurements ------------------------------------------------------------------------------------------------------
@@ -582,6 +622,8 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = torch.bfloat16 if (args.dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16" else torch.float32
+    if args.params == "bf16":
+        dtype = torch.bfloat16
     cfg = load_config(args.config, args.overrides)
     settings = optimizer_settings(args.ds_config)
     peak = peak_tflops(device, args.peak_tflops)
@@ -595,6 +637,8 @@ def main(argv=None) -> dict:
         "model": dataclasses.asdict(cfg.model),
         "batch": args.batch,
         "dtype": str(dtype).replace("torch.", ""),
+        "params": "bf16 parameters, fp32 master weights, no autocast" if args.params == "bf16" else (
+            "fp32 parameters" + (" under autocast" if dtype != torch.float32 else "")),
         "optimizer": {**settings, "type": "torch.optim.AdamW(fused=True)", "ds_config": str(args.ds_config)},
         "steps": args.steps,
         "warmup": args.warmup,

@@ -39,11 +39,36 @@ def test_bench_step_on_cpu_writes_every_variant(tmp_path):
     assert report["variants"]["grit"]["flops_per_step"] > report["variants"]["plain"]["flops_per_step"]
     # the filter model's forward is work too
     assert report["variants"]["grit_mafa"]["flops_per_step"] > report["variants"]["grit_smoothed"]["flops_per_step"]
-    assert report["ratios"]["grit_mafa_vs_grit_step_time"] > 0 and report["ratios"]["grit_smoothed_vs_grit_step_time"] > 0
+    assert (
+        report["ratios"]["grit_mafa_vs_grit_step_time"] > 0 and report["ratios"]["grit_smoothed_vs_grit_step_time"] > 0
+    )
     assert report["grouping"]["per_step_s"] > 0
     assert report["ratios"]["grit_vs_plain_step_time"] > 0
     assert "grit_with_grouping_vs_plain_step_time" in report["ratios"]
     assert report["batch"] == 8 and report["dtype"] == "float32" and report["torch"]
+
+
+def test_bf16_parameters_with_fp32_master_weights():
+    """--params bf16: the module in bf16 (DeepSpeed's bf16 engine), AdamW on fp32 masters; after each step every
+    parameter is its master rounded to bf16, the masters moved, and no forward runs under autocast."""
+    import torch
+
+    from gritvlp.config import load_config
+
+    bench = load_script()
+    args = bench.parse_args(["--config", "demo", "--batch", "4", "--device", "cpu", "--params", "bf16"])
+    cfg = load_config("demo")
+    settings = bench.optimizer_settings(bench.ROOT / "ds_configs" / "zero2.json")
+    run = bench.build_runner(cfg, bench.VARIANTS["grit"], args, torch.device("cpu"), torch.bfloat16, settings)
+    start = [m.detach().clone() for m in run.masters.masters]
+    assert not run.engine.autocast and all(p.dtype == torch.bfloat16 for p in run.engine.objective.parameters())
+    assert all(m.dtype == torch.float32 for m in run.params)
+    for step in range(2):
+        run(step)
+    assert all(torch.equal(p.detach(), m.detach().to(torch.bfloat16)) for p, m in zip(run.masters.params, run.params))
+    moved = [not torch.equal(m, s) for m, s in zip(run.masters.masters, start)]
+    assert sum(moved) > 0.9 * len(moved)
+    run.guard.check(2)  # finite losses
 
 
 def test_peak_tflops_by_device_name(monkeypatch):
