@@ -143,6 +143,8 @@ def datasets(shard: str, index_dir: str, image_size: int) -> dict:
     return {
         "previous": PreviousDecode(shard, previous_transform(image_size), index_dir=index_dir),
         "new": ShardDataset(shard, new, index_dir=index_dir),
+        # what the trainer's loader returns: uint8 pixels, normalised on the device after the copy
+        "new_uint8": ShardDataset(shard, train_transform(image_size, normalize=False), index_dir=index_dir),
         # the same transform as a plain Compose: the dataset decodes at full size before the crop is drawn
         "new_full_decode": ShardDataset(shard, T.Compose(new.transforms), index_dir=index_dir),
     }
@@ -197,6 +199,9 @@ def bench_loader(args, scratch: Path) -> list[dict]:
                 "samples_per_cpu_s": {name: round(v, 1) for name, v in cpu.items()},
                 "samples_per_wall_s": {name: round(v, 1) for name, v in wall.items()},
                 "speedup": round(cpu["new"] / cpu["previous"], 3),
+                "uint8_over_float": round(cpu["new_uint8"] / cpu["new"], 3),
+                # per sample through collation, pinned memory and the host-to-device copy
+                "bytes_per_sample": {"float": 3 * args.image_size**2 * 4, "uint8": 3 * args.image_size**2},
                 "full_decode_cpu_ms": round(decode_ms, 3),
                 "full_decode_share_of_new": round(decode_ms / 1e3 * cpu["new"], 3),
                 "workers_per_gpu_for_2000": {

@@ -261,3 +261,17 @@ def test_undecodable_bytes_raise_undecodable_image():
     truncated = data[: len(data) * 6 // 10]  # the header is intact: PIL opens it and fails while decoding
     with pytest.raises(tr.UndecodableImage):
         eval_transform(16)(Image.open(io.BytesIO(truncated)))
+
+
+def test_unnormalised_training_output_is_the_pixels_the_normalisation_reads():
+    """train_transform(normalize=False), the trainer's loader: uint8 pixels that normalise on the device into exactly
+    what the normalised pipeline returns for the same draws."""
+    image_bytes = _photo_like_jpeg(96, 80, seed=3)
+    for seed in range(5):
+        outputs = []
+        for normalize in (True, False):
+            torch.manual_seed(seed)
+            outputs.append(train_transform(48, normalize=normalize)(Image.open(io.BytesIO(image_bytes))))
+        normalised, pixels = outputs
+        assert pixels.dtype == torch.uint8 and pixels.shape == (3, 48, 48)
+        assert torch.equal(NormalizeUint8()(pixels), normalised)

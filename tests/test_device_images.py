@@ -317,6 +317,8 @@ def test_trainer_data_path_gives_the_cpu_paths_batch(demo, tmp_path):
         tokenizer, _ = tokenizer_and_special_tokens(cfg)
         loader = epoch_loader(dataset, [list(range(6))], Collator(tokenizer, cfg.data.max_tokens), cfg, False)
         host = next(iter(loader))
+        if mode == "cpu":  # the loader sends uint8 pixels; the step normalises them after the copy
+            assert host["image"].dtype == torch.uint8
         batches[mode] = to_device(host, torch.device("cpu"), torch.float32)
     cpu, device = batches["cpu"], batches["device"]
     assert device["image"].shape == cpu["image"].shape and device["image"].dtype == cpu["image"].dtype

@@ -114,3 +114,16 @@ def test_no_mlm_inputs_without_the_mlm_objective():
     model = PretrainingObjective(GritVLP(cfg.model), cfg.objectives)
     batch = {"input_ids": torch.tensor([[101, 2000, 102]])}
     assert with_mlm_inputs(batch, model, 0) is batch
+
+
+def test_uint8_images_are_normalised_after_the_copy():
+    """The training loader sends uint8 pixels (a quarter of the bytes): to_device normalises them as the CPU
+    pipeline would have, then casts to the step's dtype."""
+    from gritvlp.data.transforms import NormalizeUint8
+
+    pixels = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
+    out = to_device({"image": pixels, "input_ids": torch.ones(3, 4, dtype=torch.long)}, CPU, torch.bfloat16)
+    assert out["image"].dtype == torch.bfloat16
+    assert torch.equal(out["image"], NormalizeUint8()(pixels).to(torch.bfloat16))
+    floats = NormalizeUint8()(pixels)  # an already normalised batch (e.g. evaluation) passes as it is
+    assert torch.equal(to_device({"image": floats}, CPU, torch.float32)["image"], floats)

@@ -63,7 +63,12 @@ def decode_batch(batch: EncodedBatch, device: torch.device | str) -> torch.Tenso
     flip = batch.flip.nonzero().flatten().to(device)
     pixels[flip] = pixels[flip].flip(-1)
     augment_batch(pixels, batch.ops, batch.applied, batch.signs, batch.level)
-    return _normalize(device)(pixels)
+    return normalize_pixels(pixels)
+
+
+def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float32, CLIP's normalisation, on the pixels' device."""
+    return _normalize(pixels.device)(pixels)
 
 
 @functools.lru_cache

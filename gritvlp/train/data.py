@@ -48,8 +48,9 @@ def demo_test_shards(cfg: Config) -> str:
 
 def training_dataset(cfg: Config) -> ShardDataset:
     transform = train_transform(
-        cfg.model.image_size, tuple(cfg.data.crop_scale), cfg.data.hflip, cfg.data.randaug_n, cfg.data.randaug_m
-    )
+        cfg.model.image_size, tuple(cfg.data.crop_scale), cfg.data.hflip, cfg.data.randaug_n, cfg.data.randaug_m,
+        normalize=False,  # uint8 pixels to the device, normalised there (train/step.py)
+    )  # fmt: skip
     if cfg.data.image_decode == "device":  # workers draw and pass the bytes on; the step decodes (train/step.py)
         transform = HostDrawTransform(transform)
     pattern = training_shards(cfg)

@@ -24,9 +24,12 @@ TITLE_HEIGHT = 28  # two lines: the batch kind, then its pair counts
 
 
 def to_pil(image: torch.Tensor | EncodedImage) -> Image.Image:
-    """A normalised [3, S, S] tensor (or an image still encoded, data.image_decode=device) back to a thumbnail."""
+    """A [3, S, S] image back to a thumbnail: uint8 pixels (the training loader's, normalised on the device), a
+    normalised float tensor, or an image still encoded (data.image_decode=device)."""
     if isinstance(image, EncodedImage):
         image = decode_batch(EncodedBatch.collate([image], [-1]), "cpu")[0]
+    if image.dtype == torch.uint8:
+        return Image.fromarray(image.cpu().permute(1, 2, 0).numpy()).resize((THUMB, THUMB))
     mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
     pixels = ((image.float().cpu() * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
     return Image.fromarray(pixels).resize((THUMB, THUMB))

@@ -13,7 +13,7 @@ import logging
 import torch
 import torch.distributed as dist
 
-from gritvlp.data.device_images import decode_batch
+from gritvlp.data.device_images import decode_batch, normalize_pixels
 
 log = logging.getLogger("gritvlp.train")
 MAX_CONSECUTIVE_BAD_STEPS = 20
@@ -50,6 +50,8 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     out = {k: pinned(v).to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
     if "image" not in out:  # data.image_decode=device: JPEG bytes and drawn parameters, decoded here
         out["image"] = decode_batch(batch["image"], device)
+    elif out["image"].dtype == torch.uint8:  # the training loader's pixels: normalised here, a quarter of the bytes
+        out["image"] = normalize_pixels(out["image"])
     out["image"] = out["image"].to(dtype)
     return out
 
