@@ -13,7 +13,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench_kernels.py"
-STAGES = ["tests", "itc", "lm", "grouping", "step", "step_compiled", "decode_tests", "data_decode", "results"]
+STAGES = [
+    "tests",
+    "itc",
+    "lm",
+    "lm_accuracy",
+    "grouping",
+    "step",
+    "step_bf16_params",
+    "step_compiled",
+    "decode_tests",
+    "data_decode",
+    "results",
+]
 
 
 def load_script():
@@ -108,6 +120,9 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path):
         assert "compile" not in row["results"]  # --skip-compile, as on the GPU
         assert all(math.isfinite(r["fwd_bwd_ms"]) for r in row["results"].values())
     assert any("fused" in row["results"] for row in itc["itc"]) and any("fused" in row["results"] for row in lm["lm"])
+    accuracy = result("lm_grad_accuracy_cpu.json")["results"]
+    assert set(accuracy) == {"eager_bf16", "fused_fp32_sum", "fused_bf16_sum"}
+    assert all(0 < r["grad_weight"]["relative_frobenius"] < 0.05 for r in accuracy.values()), accuracy
     assert result("grouping_cpu.json")["results"][0]["ours_s"] > 0
     step = result("step_cpu.json")
     assert set(step["variants"]) == {"plain", "grit", "grit_reference_kernels", "grit_smoothed", "grit_mafa"}
