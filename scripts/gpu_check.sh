@@ -12,7 +12,7 @@
 # T_STEP_COMPILED (the step with every transformer block compiled, train.compile=true), T_DECODE_TESTS, T_DECODE,
 # T_LM_ACCURACY (the LM loss's gradient error with its weight gradient summed in fp32 and in bf16), T_STEP_BF16 (the
 # step with bf16 parameters and fp32 master weights, as DeepSpeed's bf16 engine runs it, against the step stage's
-# fp32 parameters under autocast).
+# fp32 parameters under autocast), T_OPTIMIZER (one AdamW step: torch's fused against DeepSpeed's FusedAdam).
 #
 # The dry run runs the same stages on CPU (CUDA hidden), so that a stage an API change broke fails before the GPU
 # run: the smallest shapes and steps, the fused kernels through the Triton interpreter (the benchmarks' tiny
@@ -33,7 +33,7 @@ if [ "$DRY_RUN" = 1 ]; then
     OUT="${OUT:-$(mktemp -d -t gpu_check_dry_run.XXXXXX)}"
     export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1
     : "${T_TESTS:=120}" "${T_ITC:=300}" "${T_LM:=300}" "${T_GROUPING:=120}" "${T_STEP:=300}" "${T_STEP_COMPILED:=600}"
-    : "${T_DECODE_TESTS:=240}" "${T_DECODE:=120}" "${T_LM_ACCURACY:=300}" "${T_STEP_BF16:=300}"
+    : "${T_DECODE_TESTS:=240}" "${T_DECODE:=120}" "${T_LM_ACCURACY:=300}" "${T_STEP_BF16:=300}" "${T_OPTIMIZER:=120}"
     DEV=cpu
     KERNELS=(--skip-compile --quick --reps 1 --warmup 0)
     GROUPING=(--device cpu --bank 1920 --search-space 480 --batch-size 32 --reference-spaces 1 --repeats 1)
@@ -41,6 +41,7 @@ if [ "$DRY_RUN" = 1 ]; then
     STEP_COMPILED=(--config demo --batch 8 --device cpu --steps 1 --warmup 1)
     DECODE=(--sizes 320x240 --samples 8 --rounds 1 --decode-batch 8)
     LM_ACCURACY=(--rows 300 --vocab 1000 --hidden 32)
+    OPTIMIZER=(--params 1e6 --reps 2 --warmup 1)
     # python3 running the script named after it, with torch.compile's backend set to aot_eager
     COMPILING=(python3 -c 'import functools, runpy, sys, torch
 torch.compile = functools.partial(torch.compile, backend="aot_eager")
@@ -56,6 +57,7 @@ else
     STEP_COMPILED=(--steps 10 --warmup 4)
     DECODE=(--samples 64 --rounds 3)
     LM_ACCURACY=()
+    OPTIMIZER=()
     COMPILING=(python3)
 fi
 mkdir -p "$OUT"
@@ -100,6 +102,7 @@ stage itc "${T_ITC:-45}" python3 scripts/bench_kernels.py --only itc "${KERNELS[
 stage lm "${T_LM:-30}" python3 scripts/bench_kernels.py --only lm "${KERNELS[@]}" --out "$OUT/kernels_lm_$DEV.json"
 stage lm_accuracy "${T_LM_ACCURACY:-60}" python3 scripts/lm_grad_accuracy.py "${LM_ACCURACY[@]}" \
     --out "$OUT/lm_grad_accuracy_$DEV.json"
+stage optimizer "${T_OPTIMIZER:-60}" python3 scripts/bench_optimizer.py "${OPTIMIZER[@]}" --out "$OUT/optimizer_$DEV.json"
 stage grouping "${T_GROUPING:-30}" python3 scripts/bench_grouping.py "${GROUPING[@]}" --out "$OUT/grouping_$DEV.json"
 stage step "${T_STEP:-60}" python3 scripts/bench_step.py "${STEP[@]}" --sync-check-steps 2 \
     --profile "$OUT/step_profile.txt" --out "$OUT/step_$DEV.json"

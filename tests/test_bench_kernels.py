@@ -18,6 +18,7 @@ STAGES = [
     "itc",
     "lm",
     "lm_accuracy",
+    "optimizer",
     "grouping",
     "step",
     "step_bf16_params",
