@@ -25,6 +25,7 @@ cost there (every cast is a memory-bound kernel; launch overheads come on top).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -104,6 +105,20 @@ def optimizer_casts(mode: str, parameters: int) -> dict:
     return {"count": 2, "bytes": 2 * parameters * (2 + 4), "note": "grad bf16 -> fp32 partition, fp32 master -> bf16"}
 
 
+@contextlib.contextmanager
+def production_lm_block():
+    """The fused LM loss's production vocabulary block under the Triton interpreter too (its small default there
+    serves the tests, which must cross blocks), for the duration of the block."""
+    import gritvlp.kernels  # noqa: F401 - binds the fused module (its name is taken by the function)
+
+    module = sys.modules["gritvlp.kernels.lm_loss"]
+    previous, module._MAX_BLOCK_V = module._MAX_BLOCK_V, 8192
+    try:
+        yield
+    finally:
+        module._MAX_BLOCK_V = previous
+
+
 def extrapolate(small: int, large: int, batches: tuple[int, int], target: int) -> int:
     """Linear in the batch through the two measured points."""
     (b0, b1), (y0, y1) = batches, (small, large)
@@ -127,13 +142,9 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before gritvlp.kernels is imported; see the docstring
-    os.environ["GRITVLP_KERNELS"] = "triton"
     from gritvlp.config import load_config
+    from gritvlp.train.flops import kernels_backend
 
-    if os.environ["TRITON_INTERPRET"] == "1":
-        import gritvlp.kernels  # noqa: F401 - binds the fused module (its name is taken by the function)
-
-        sys.modules["gritvlp.kernels.lm_loss"]._MAX_BLOCK_V = 8192  # the production block, not the tests' small one
     cfg = load_config(args.config, args.overrides)
     text = {**cfg.model.text_config, "attention_probs_dropout_prob": 0.0}
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, text_config=text))
@@ -150,7 +161,8 @@ def main(argv=None) -> dict:
         "modes": {},
     }
     for mode in ("autocast", "bf16_params"):
-        measured = [census(cfg, batch, mode) for batch in args.batches]
+        with kernels_backend("triton"), production_lm_block():  # the fused kernels, as on a GPU (see the docstring)
+            measured = [census(cfg, batch, mode) for batch in args.batches]
         row = {"measured": dict(zip(map(str, args.batches), measured)), "at_target_batch": {}}
         for kind in ("parameter", "activation"):
             points = [m.get(kind, {"bytes": 0})["bytes"] for m in measured]

@@ -3,9 +3,11 @@
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
+import gritvlp.kernels  # noqa: F401 - loads gritvlp.kernels.lm_loss
 import torch.nn as nn
 
 from gritvlp.config import load_config
@@ -24,6 +26,8 @@ def load_script():
 
 def test_bf16_parameters_leave_no_per_step_weight_casts(tmp_path):
     bench = load_script()
+    kernels_before = os.environ.get("GRITVLP_KERNELS")
+    block_before = sys.modules["gritvlp.kernels.lm_loss"]._MAX_BLOCK_V
     out = tmp_path / "precision.json"
     report = bench.main(["--config", "demo", "--batches", "3", "5", "--target-batch", "8", "--out", str(out)])
     assert json.loads(out.read_text()) == report
@@ -42,6 +46,9 @@ def test_bf16_parameters_leave_no_per_step_weight_casts(tmp_path):
     # the bf16 engine's optimizer casts (gradient in, master out) are charged, and the total is still lower
     assert bf16["optimizer"]["bytes"] == 2 * report["parameters"] * 6
     assert report["bf16_params_over_autocast_bytes"] < 1
+    # nothing of the run stays behind in this process: the kernel dispatch and the LM loss's block are as before
+    lm = sys.modules["gritvlp.kernels.lm_loss"]
+    assert os.environ.get("GRITVLP_KERNELS") == kernels_before and lm._MAX_BLOCK_V == block_before
 
 
 def test_extrapolation_is_linear_in_the_batch():
