@@ -487,6 +487,8 @@ def run_trainer(args) -> dict:
     from gritvlp.train.trainer import Trainer
 
     formed_group = not dist.is_initialized()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory(prefix="bench_step_trainer_") as tmp:
         ds_config = json.loads(args.ds_config.read_text())
         ds_config["train_micro_batch_size_per_gpu"] = args.batch
@@ -544,6 +546,7 @@ def trainer_figures(trainer, rows: list[dict], args) -> dict:
         "mfu": None if trainer.peak_tflops is None else tflops / trainer.peak_tflops,
         "data_wait_s": wait / steps,
         "data_wait_share": wait / seconds,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if trainer.device.type == "cuda" else None,
         "windows": [{k: r[k] for k in WINDOW_KEYS} for r in windows],
     }
 
