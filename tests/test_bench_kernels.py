@@ -1,7 +1,6 @@
 """scripts/bench_kernels.py on CPU (the reference; the fused kernels through the Triton interpreter at tiny shapes)
 and the CPU dry run of scripts/gpu_check.sh, which runs every stage of the GPU check on the current API."""
 
-import importlib.util
 import json
 import math
 import os
@@ -10,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from script_loader import load_script as load_script_named
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench_kernels.py"
@@ -30,10 +30,7 @@ STAGES = [
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("bench_kernels", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script_named("bench_kernels")
 
 
 def run(argv, timeout, **env):

@@ -1,22 +1,17 @@
 """scripts/bench_optimizer.py: one AdamW step over flat fp32 partitions, torch's fused against foreach and single
 tensor (and DeepSpeed's FusedAdam on CUDA), with the same update."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import torch
+from script_loader import load_script as load_script_named
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("bench_optimizer", ROOT / "scripts" / "bench_optimizer.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script_named("bench_optimizer")
 
 
 def test_writes_every_implementation_with_its_ratio(tmp_path):

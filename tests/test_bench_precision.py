@@ -1,7 +1,6 @@
 """scripts/bench_precision.py: the casts of a step with fp32 parameters under bf16 autocast against bf16 parameters
 (DeepSpeed's bf16 engine), counted at the dispatcher on the demo model."""
 
-import importlib.util
 import json
 import os
 import sys
@@ -9,6 +8,7 @@ from pathlib import Path
 
 import gritvlp.kernels  # noqa: F401 - loads gritvlp.kernels.lm_loss
 import torch.nn as nn
+from script_loader import load_script as load_script_named
 
 from gritvlp.config import load_config
 from gritvlp.model.gritvlp import GritVLP
@@ -17,11 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("bench_precision", ROOT / "scripts" / "bench_precision.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script_named("bench_precision")
 
 
 def test_bf16_parameters_leave_no_per_step_weight_casts(tmp_path):

@@ -1,6 +1,5 @@
 """scripts/bench_step.py runs end to end on CPU and writes the figures the README describes."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -8,16 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from script_loader import load_script as load_script_named
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_step.py"
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("bench_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return load_script_named("bench_step")
 
 
 def test_bench_step_on_cpu_writes_every_variant(tmp_path):

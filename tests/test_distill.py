@@ -3,7 +3,6 @@ no teacher = no head and no call, export without the teacher, attribute concepts
 export) and scripts/precompute_concepts.py (with attributes from the teacher's classes)."""
 
 import hashlib
-import importlib.util
 import json
 import math
 import tarfile
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
+from script_loader import load_script as load_script_named
 
 import gritvlp.model.concepts as concepts
 from gritvlp.config import ConfigError, load_config
@@ -294,11 +294,9 @@ def test_export_round_trips_the_attribute_head(tmp_path):
 
 
 # -- scripts/precompute_concepts.py ---------------------------------------------------------------------------------
+
 def load_script():
-    spec = importlib.util.spec_from_file_location("precompute_concepts", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script_named("precompute_concepts")
 
 
 def members(path: Path) -> list[tuple[str, bytes]]:

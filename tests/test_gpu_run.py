@@ -1,24 +1,20 @@
 """scripts/gpu_run.py, the GPU run of the real training command, dry-run on CPU: every stage on the current API, so
 that the next GPU run does not spend its minutes on a broken stage."""
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from script_loader import load_script as load_script_named
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_run.py"
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("gpu_run", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script_named("gpu_run")
 
 
 def test_ratios_need_both_stages_to_have_run():
