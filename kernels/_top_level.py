@@ -16,15 +16,18 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 
 def hand_over_to_installed_package() -> None:
     """Loads the installed `kernels` into sys.modules["kernels"], which the import statement then returns; without
-    one, `import kernels` fails as it would without this folder."""
+    one, an empty namespace package (no __file__, nothing to import from it)."""
     path = [entry for entry in sys.path if Path(entry or ".").resolve() != REPOSITORY]
     spec = importlib.machinery.PathFinder.find_spec("kernels", path)
     sys.modules.pop(__name__, None)  # this module is not part of the package taking over the name
     if spec is None:
-        sys.modules.pop("kernels", None)
-        raise ModuleNotFoundError(
-            "No module named 'kernels' (the repository's kernels/ folder is gritvlp.kernels)", name="kernels"
-        )
+        # Nothing installed: the name becomes what a folder without __init__.py would be, an empty namespace package.
+        # Libraries that probe for an installed `kernels` (transformers does, when it imports any model) take a
+        # namespace package for "not installed"; an import error would instead break their import.
+        spec = importlib.machinery.ModuleSpec("kernels", None, is_package=True)
+        spec.submodule_search_locations = []
+        sys.modules["kernels"] = importlib.util.module_from_spec(spec)
+        return
     module = importlib.util.module_from_spec(spec)
     sys.modules["kernels"] = module
     spec.loader.exec_module(module)
